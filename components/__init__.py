@@ -1,0 +1,17 @@
+"""robustflow's building blocks: plain PyTorch modules and functions, each a gin configurable.
+
+Importing this package registers every configurable with gin. Nothing here imports ``pipeline`` or MLflow.
+"""
+
+from components import (  # noqa: F401  (imported for gin registration)
+    attacks,
+    backbones,
+    data,
+    evaluation,
+    experiment,
+    graph,
+    losses,
+    optim,
+    schedules,
+    training,
+)

@@ -1,0 +1,21 @@
+"""Training-time attack generators: PGD iteration with pluggable objective, init and BN mode."""
+
+from components.attacks.inits import GaussianInit, Init, RandomSignInit, UniformInit, ZeroInit
+from components.attacks.objectives import CEObjective, Objective, SoftLabelKLObjective
+from components.attacks.pgd import AttackResult, PGDGenerator, bn_mode, check_eps, project
+
+__all__ = [
+    "AttackResult",
+    "CEObjective",
+    "GaussianInit",
+    "Init",
+    "Objective",
+    "PGDGenerator",
+    "RandomSignInit",
+    "SoftLabelKLObjective",
+    "UniformInit",
+    "ZeroInit",
+    "bn_mode",
+    "check_eps",
+    "project",
+]

@@ -1,0 +1,60 @@
+"""Starting points for iterative attacks: where x' starts before the first gradient step."""
+
+from __future__ import annotations
+
+import gin
+import torch
+from torch import Tensor
+
+
+class Init:
+    """Maps a clean batch ``x`` in [0,1] and a radius ``eps`` to a starting point (no gradient)."""
+
+    name = "init"
+
+    def __call__(self, x: Tensor, eps: float) -> Tensor:
+        raise NotImplementedError
+
+
+@gin.configurable
+class GaussianInit(Init):
+    """TRADES/LBGAT/D2R start: ``x + std * N(0, I)``, deliberately not clipped before the first step."""
+
+    name = "gaussian"
+
+    def __init__(self, std: float = 0.001) -> None:
+        self.std = std
+
+    def __call__(self, x: Tensor, eps: float) -> Tensor:
+        return x + self.std * torch.randn_like(x)
+
+
+@gin.configurable
+class UniformInit(Init):
+    """Madry-style start: uniform in the eps-ball, clipped to the image box."""
+
+    name = "uniform"
+
+    def __call__(self, x: Tensor, eps: float) -> Tensor:
+        return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0.0, 1.0)
+
+
+@gin.configurable
+class RandomSignInit(Init):
+    """FGSM-PGI/PGK reset and RegMix delta_initial: ``eps * sign(U(-1, 1))`` per pixel, clipped to [0,1]."""
+
+    name = "random_sign"
+
+    def __call__(self, x: Tensor, eps: float) -> Tensor:
+        sign = torch.empty_like(x).uniform_(-1.0, 1.0).sign()
+        return (x + eps * sign).clamp_(0.0, 1.0)
+
+
+@gin.configurable
+class ZeroInit(Init):
+    """Start at the clean input (plain FGSM/BIM)."""
+
+    name = "zero"
+
+    def __call__(self, x: Tensor, eps: float) -> Tensor:
+        return x.clone()

@@ -1,0 +1,95 @@
+"""The training graph: named models, an attack generator and weighted loss terms over named views.
+
+Every method in METHODS.md is this one step with different parts:
+
+1. the generator turns (models, x, y) into x_adv (and, for RegMix, x_init with its view);
+2. each view a loss term names is computed once, in train mode, in the order the terms first name it;
+3. the weighted loss is backpropagated into every trained model through one optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import gin
+import torch
+from torch import Tensor, nn
+
+from components.attacks import PGDGenerator
+from components.losses import WeightedLoss
+from components.views import parse_view
+
+
+@gin.configurable
+class TrainingGraph(nn.Module):
+    """Models + generator + loss; ``step(x, y)`` returns the loss and what the metrics need, on device."""
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module] = gin.REQUIRED,
+        generator: PGDGenerator = gin.REQUIRED,
+        loss: WeightedLoss = gin.REQUIRED,
+        eval_model: str = "target",
+    ) -> None:
+        super().__init__()
+        self.models = nn.ModuleDict(dict(models))
+        self.generator = generator
+        self.loss = loss
+        self.eval_model = eval_model
+        self._validate()
+
+    def _validate(self) -> None:
+        known = set(self.models)
+        if self.eval_model not in known:
+            raise ValueError(f"eval_model {self.eval_model!r} is not one of the models {sorted(known)}")
+        for name in self.generator.models_used:
+            if name not in known:
+                raise ValueError(
+                    f"the attack generator uses model {name!r}, but the models are {sorted(known)}"
+                )
+        available = {"x", "x_adv"} | ({"x_init"} if self.generator.init_view else set())
+        for name in self.loss.views:
+            view = parse_view(name)
+            if view.model not in known:
+                raise ValueError(
+                    f"loss view {name!r} names model {view.model!r}; the models are {sorted(known)}"
+                )
+            if view.input not in available:
+                raise ValueError(
+                    f"loss view {name!r} reads {view.input!r}, which this generator does not produce "
+                    f"(available: {sorted(available)}; x_init needs PGDGenerator.init_view = True)"
+                )
+
+    @property
+    def target(self) -> nn.Module:
+        """The model that is evaluated, checkpointed as 'best' and registered."""
+        return self.models[self.eval_model]
+
+    def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor | dict[str, Tensor]]:
+        """One forward of the method (attack + views + loss); the caller runs backward and the optimizer.
+
+        Returns ``loss`` (weighted total), ``parts`` (unweighted terms) and the target's logits on the clean
+        and adversarial inputs for accuracy (computed without gradient in eval mode only when no loss term
+        already reads them, so metrics never add a train-mode forward that would move BN statistics).
+        """
+        attack = self.generator(self.models, x, y)
+        inputs = {"x": x, **attack.inputs}
+        views: dict[str, Tensor] = dict(attack.views)
+        for name in self.loss.views:
+            if name not in views:
+                view = parse_view(name)
+                views[name] = self.models[view.model](inputs[view.input])
+        total, parts = self.loss(views, y)
+        out: dict[str, Tensor | dict[str, Tensor]] = {"loss": total, "parts": parts}
+        for key, inp in (("clean_logits", "x"), ("adv_logits", "x_adv")):
+            name = f"{self.eval_model}({inp})"
+            if name in views:
+                out[key] = views[name].detach()
+            else:
+                model = self.target
+                was_training = model.training
+                model.eval()
+                with torch.no_grad():
+                    out[key] = model(inputs[inp])
+                model.train(was_training)
+        return out

@@ -1,0 +1,204 @@
+"""Loss terms over named views, and their weighted sum.
+
+Every term reads views by name (``'target(x_adv)'``, ``'guide(x)'``, see ``components.views``) and the
+labels, and returns a scalar. Conventions follow METHODS.md:
+
+* ``KL(input, target)`` is PyTorch's argument order, ``F.kl_div(log_softmax(input), softmax(target))``,
+  i.e. KL(q_target || q_input) in math notation: the *target* view is the distribution being matched.
+* ``reduction='mean'`` averages over all B*K elements as the authors' code does (``torch.mean`` of the
+  element-wise KL, ``nn.MSELoss()``), ``'batchmean'`` sums over classes and averages over the batch,
+  ``'sum'`` sums everything. With K classes, mean = batchmean / K, so the weights are not portable
+  between reductions.
+* Nothing is detached unless a term is told to: gradients reach every model whose view a term reads.
+
+Terms compute in float32 whatever the autocast dtype, because log-probability differences of
+near-identical distributions lose everything in bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import gin
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from components.views import parse_view
+
+REDUCTIONS = ("mean", "batchmean", "sum")
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; use one of {REDUCTIONS}")
+    return reduction
+
+
+def _reduce(elementwise: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return elementwise.mean()
+    if reduction == "batchmean":
+        return elementwise.sum() / elementwise.shape[0]
+    return elementwise.sum()
+
+
+def kl_div(
+    input_logits: Tensor, target_logits: Tensor, reduction: str = "mean", target_eps: float = 0.0
+) -> Tensor:
+    """KLdiv(input || target) = sum_k q_t (log q_t - log q_in), reduced as asked.
+
+    ``target_eps > 0`` reproduces the authors' helper ``b * (log(b + eps) - a)`` exactly (eps only inside
+    the log of the target probabilities); ``0`` is ``F.kl_div``. Both differentiate through both sides.
+    """
+    log_q_in = F.log_softmax(input_logits.float(), dim=1)
+    if target_eps > 0:
+        q_t = F.softmax(target_logits.float(), dim=1)
+        elementwise = q_t * (torch.log(q_t + target_eps) - log_q_in)
+    else:
+        log_q_t = F.log_softmax(target_logits.float(), dim=1)
+        elementwise = F.kl_div(log_q_in, log_q_t, reduction="none", log_target=True)
+    return _reduce(elementwise, reduction)
+
+
+class Term:
+    """A loss term: reads the views named in ``views`` and the labels, returns a scalar tensor."""
+
+    views: tuple[str, ...] = ()
+
+    def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _register(self, *names: str) -> tuple[str, ...]:
+        # Normalise spelling ('target( x )' -> 'target(x)') so equal views share one forward pass.
+        self.views = tuple(str(parse_view(n)) for n in names)
+        return self.views
+
+
+@gin.configurable
+class CrossEntropy(Term):
+    """Mean cross-entropy of a view against the hard labels (batch mean)."""
+
+    def __init__(self, view: str = gin.REQUIRED) -> None:
+        (self.view,) = self._register(view)
+
+    def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
+        return F.cross_entropy(views[self.view].float(), y)
+
+
+@gin.configurable
+class LabelSmoothedCE(Term):
+    """FGSM-PGI/PGK's label-smoothed CE: ``factor`` on the true class, (1-factor)/(K-1) on each other.
+
+    Note this is not ``F.cross_entropy(label_smoothing=s)``, which puts 1-s+s/K on the true class.
+    """
+
+    def __init__(self, view: str = gin.REQUIRED, factor: float = 0.5) -> None:
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"LabelSmoothedCE.factor must be in (0, 1], got {factor}")
+        (self.view,) = self._register(view)
+        self.factor = factor
+
+    def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
+        logits = views[self.view].float()
+        k = logits.shape[1]
+        soft = torch.full_like(logits, (1.0 - self.factor) / (k - 1))
+        soft.scatter_(1, y[:, None], self.factor)
+        return -(soft * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+@gin.configurable
+class MSE(Term):
+    """Mean squared error between two views' logits, averaged over B*K (``nn.MSELoss()``)."""
+
+    def __init__(
+        self, input: str = gin.REQUIRED, target: str = gin.REQUIRED, detach_target: bool = False
+    ) -> None:
+        self.input, self.target = self._register(input, target)
+        self.detach_target = detach_target
+
+    def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
+        target = views[self.target].float()
+        if self.detach_target:
+            target = target.detach()
+        return F.mse_loss(views[self.input].float(), target)
+
+
+@gin.configurable
+class KL(Term):
+    """KLdiv(input || target) in PyTorch order (see module doc), with an explicit reduction."""
+
+    def __init__(
+        self,
+        input: str = gin.REQUIRED,
+        target: str = gin.REQUIRED,
+        reduction: str = "mean",
+        target_eps: float = 0.0,
+        detach_target: bool = False,
+    ) -> None:
+        self.input, self.target = self._register(input, target)
+        self.reduction = _check_reduction(reduction)
+        self.target_eps = target_eps
+        self.detach_target = detach_target
+
+    def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
+        target = views[self.target]
+        if self.detach_target:
+            target = target.detach()
+        return kl_div(views[self.input], target, self.reduction, self.target_eps)
+
+
+@gin.configurable
+class KLGap(Term):
+    """D2R's symmetric gap |KLdiv(a || b) - KLdiv(b || a)|, gradient through both KLs and both views.
+
+    With a = guide(x), b = target(x) this is the code's ``|kl1 - kl2|`` (METHODS.md 1.3).
+    """
+
+    def __init__(
+        self, a: str = gin.REQUIRED, b: str = gin.REQUIRED, reduction: str = "mean", target_eps: float = 0.0
+    ) -> None:
+        self.a, self.b = self._register(a, b)
+        self.reduction = _check_reduction(reduction)
+        self.target_eps = target_eps
+
+    def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
+        za, zb = views[self.a], views[self.b]
+        ab = kl_div(za, zb, self.reduction, self.target_eps)
+        ba = kl_div(zb, za, self.reduction, self.target_eps)
+        return (ab - ba).abs()
+
+
+@gin.configurable
+class WeightedLoss:
+    """The training objective: ``sum_i w_i * term_i`` over named, weighted terms.
+
+    ``terms`` maps a term name (used in metric names ``train/loss/<name>``) to ``(weight, term)``.
+    Weights are plain numbers, normally gin macros (ALPHA, BETA, GAMMA, LAMBDA), so a config, an override
+    and an Optuna trial all set them the same way.
+    """
+
+    def __init__(self, terms: Mapping[str, tuple[float, Term]] = gin.REQUIRED) -> None:
+        if not terms:
+            raise ValueError("WeightedLoss.terms is empty: list at least one (weight, term)")
+        self.terms: dict[str, tuple[float, Term]] = {}
+        for name, entry in terms.items():
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], Term)):
+                raise ValueError(f"loss term {name!r} must be (weight, term), got {entry!r}")
+            weight = float(entry[0])
+            self.terms[name] = (weight, entry[1])
+
+    @property
+    def views(self) -> list[str]:
+        """Every view the terms read, in order of first use, each once."""
+        seen: dict[str, None] = {}
+        for _, term in self.terms.values():
+            for v in term.views:
+                seen.setdefault(v, None)
+        return list(seen)
+
+    def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return the weighted total and each term's unweighted value (tensors: no host sync)."""
+        parts = {name: term(views, y) for name, (_, term) in self.terms.items()}
+        total = sum(w * parts[name] for name, (w, _) in self.terms.items())
+        return total, parts

@@ -1,0 +1,119 @@
+"""Learning-rate schedules as multipliers of the base lr, evaluated per iteration.
+
+Each schedule is a picklable callable ``factor(step)`` bound to the run's length by ``bind``; the
+training loop wraps it in ``torch.optim.lr_scheduler.LambdaLR`` and steps it once per iteration, so
+per-epoch schedules (the papers') and per-iteration ones (FGSM-PGK's MultiStepLR) share one mechanism
+and one checkpointable state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gin
+import torch
+
+
+class Schedule:
+    """Base: ``factor(step)`` for a run of ``epochs`` epochs of ``steps_per_epoch`` iterations."""
+
+    steps_per_epoch: int = 1
+    epochs: int = 1
+
+    def bind(self, steps_per_epoch: int, epochs: int) -> Schedule:
+        if steps_per_epoch < 1 or epochs < 1:
+            raise ValueError(
+                f"schedule needs steps_per_epoch >= 1 and epochs >= 1, got {steps_per_epoch}, {epochs}"
+            )
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError
+
+
+@gin.configurable
+class PaperStepSchedule(Schedule):
+    """LBGAT/D2R ``adjust_learning_rate``: set per epoch (1-indexed) at its start.
+
+    Epochs ``<= warmup_epochs`` use ``warmup_factor`` (0.02 / 0.1 = 0.2); afterwards the lr is multiplied
+    by ``gamma`` once for each milestone fraction m with ``epoch > m * epochs``. For 100 epochs this is
+    0.02 (epoch 1), 0.1 (2-75), 0.01 (76-90), 0.001 (91-100). ``milestone_epochs`` gives absolute epochs
+    instead (a drop from that epoch on), for TRADES' 75/90/100 of a 76-epoch run.
+    """
+
+    def __init__(
+        self,
+        warmup_epochs: int = 1,
+        warmup_factor: float = 0.2,
+        milestones: tuple[float, ...] = (0.75, 0.90),
+        gamma: float = 0.1,
+        milestone_epochs: tuple[int, ...] | None = None,
+    ) -> None:
+        self.warmup_epochs, self.warmup_factor = warmup_epochs, warmup_factor
+        self.milestones, self.gamma = tuple(milestones), gamma
+        self.milestone_epochs = tuple(milestone_epochs) if milestone_epochs is not None else None
+
+    def __call__(self, step: int) -> float:
+        epoch = step // self.steps_per_epoch + 1
+        if epoch <= self.warmup_epochs:
+            return self.warmup_factor
+        if self.milestone_epochs is not None:
+            drops = sum(epoch >= m for m in self.milestone_epochs)
+        else:
+            drops = sum(epoch > m * self.epochs for m in self.milestones)
+        return self.gamma**drops
+
+
+@gin.configurable
+class MultiStepSchedule(Schedule):
+    """FGSM-PGI/PGK: ``MultiStepLR`` stepped per iteration, x``gamma`` at fractions of all iterations."""
+
+    def __init__(self, milestones: tuple[float, ...] = (100 / 110, 105 / 110), gamma: float = 0.1) -> None:
+        self.milestones, self.gamma = tuple(milestones), gamma
+
+    def __call__(self, step: int) -> float:
+        drops = sum(step >= int(m * self.total_steps) for m in self.milestones)
+        return self.gamma**drops
+
+
+@gin.configurable
+class CosineSchedule(Schedule):
+    """Cosine decay to ``final_factor`` over all iterations after ``warmup_epochs`` of linear warm-up."""
+
+    def __init__(self, warmup_epochs: float = 0.0, final_factor: float = 0.0) -> None:
+        self.warmup_epochs, self.final_factor = warmup_epochs, final_factor
+
+    def __call__(self, step: int) -> float:
+        warm = int(self.warmup_epochs * self.steps_per_epoch)
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, self.total_steps - warm)
+        return self.final_factor + (1 - self.final_factor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+@gin.configurable
+class OneCycleSchedule(Schedule):
+    """Fast-AT's triangle: linear from ``start_factor`` up to 1 at ``peak`` of the run, then down to 0."""
+
+    def __init__(self, peak: float = 0.4, start_factor: float = 0.0) -> None:
+        if not 0.0 < peak < 1.0:
+            raise ValueError(f"OneCycleSchedule.peak must be in (0, 1), got {peak}")
+        self.peak, self.start_factor = peak, start_factor
+
+    def __call__(self, step: int) -> float:
+        t = step / self.total_steps
+        if t <= self.peak:
+            return self.start_factor + (1 - self.start_factor) * t / self.peak
+        return max(0.0, (1 - t) / (1 - self.peak))
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: Schedule, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Wrap a schedule for an optimizer; call ``.step()`` once per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.bind(steps_per_epoch, epochs))

@@ -1,0 +1,214 @@
+"""The epoch loop: train a ``TrainingGraph`` on a ``DataModule``, validate, checkpoint every epoch.
+
+Plain PyTorch, no tracking: the caller gets per-epoch metrics through ``on_epoch_end`` and decides where
+they go. Nothing in the step waits on the device: per-step statistics are summed into device tensors and
+read once per epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gin
+import torch
+from tqdm.auto import tqdm
+
+from components.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from components.evaluation import robust_accuracy
+from components.graph import TrainingGraph
+from components.optim import sgd
+from components.schedules import PaperStepSchedule, Schedule, make_lr_scheduler
+
+EpochCallback = Callable[[int, dict[str, float], dict[str, Path]], None]
+
+
+class TrainingInterruptedError(Exception):
+    """Raised between steps when a stop was requested (SIGTERM); the last epoch's checkpoint stands."""
+
+
+@dataclass
+class TrainResult:
+    """Where the run ended: its checkpoints, per-epoch metrics and the best validation record."""
+
+    last_checkpoint: Path
+    best_checkpoint: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=dict)
+
+
+def _resolve_auto(flag: bool | str, device: torch.device) -> bool:
+    return device.type == "cuda" if flag == "auto" else bool(flag)
+
+
+@gin.configurable
+class Trainer:
+    """Epochs, optimizer, schedule and the fast-path switches of a training run.
+
+    * ``amp``: bf16 autocast (``'auto'`` = on CUDA only; CPU bf16 is slow and changes numbers).
+    * ``channels_last``: NHWC memory format for convolutions (``'auto'`` = on CUDA).
+    * ``compile``: ``torch.compile`` the models in place (state_dict keys unchanged).
+    * ``val_steps``: PGD steps for ``val/pgd<k>_acc``, the model-selection metric (20 in the papers).
+    """
+
+    def __init__(
+        self,
+        epochs: int = gin.REQUIRED,
+        optimizer: Callable[..., torch.optim.Optimizer] = sgd,
+        schedule: Schedule | None = None,
+        amp: bool | str = "auto",
+        channels_last: bool | str = "auto",
+        compile: bool = False,
+        val_steps: int = 20,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if not (isinstance(epochs, int) and epochs >= 1):
+            raise ValueError(f"Trainer.epochs must be an integer >= 1, got {epochs!r}")
+        self.epochs = epochs
+        self.optimizer_fn = optimizer
+        self.schedule = schedule if schedule is not None else PaperStepSchedule()
+        self.amp, self.channels_last, self.compile = amp, channels_last, compile
+        self.val_steps, self.seed, self.progress = val_steps, seed, progress
+
+    @property
+    def selection_metric(self) -> str:
+        return f"val/pgd{self.val_steps}_acc"
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if _resolve_auto(self.amp, device):
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def fit(
+        self,
+        graph: TrainingGraph,
+        data: Any,
+        device: torch.device | str,
+        checkpoint_dir: str | Path,
+        resume_from: str | Path | None = None,
+        on_epoch_end: EpochCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TrainResult:
+        """Train for ``epochs`` (continuing after the epoch stored in ``resume_from``, if given)."""
+        device = torch.device(device)
+        checkpoint_dir = Path(checkpoint_dir)
+        last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+        torch.manual_seed(self.seed)
+        data.setup()
+        graph.to(device)
+        if _resolve_auto(self.channels_last, device):
+            graph.to(memory_format=torch.channels_last)
+        if self.compile:
+            for model in graph.models.values():
+                model.compile()
+        loader = data.train_loader()
+        steps_per_epoch = len(loader)
+        optimizer = self.optimizer_fn(graph.models)
+        scheduler = make_lr_scheduler(optimizer, self.schedule, steps_per_epoch, self.epochs)
+        start_epoch, history, best = 0, [], {self.selection_metric: -math.inf, "epoch": 0}
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, map_location=device)
+            for name, model in graph.models.items():
+                model.load_state_dict(state["models"][name])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"])
+            start_epoch, history, best = state["epoch"], list(state["history"]), dict(state["best"])
+
+        for epoch in range(start_epoch + 1, self.epochs + 1):
+            metrics = self._train_epoch(graph, loader, optimizer, scheduler, device, epoch, should_stop)
+            t_val = time.perf_counter()
+            with self._autocast(device):
+                val = robust_accuracy(graph.target, data.val_loader(), attack_steps=self.val_steps)
+            metrics.update({f"val/{k}": v for k, v in val.items()})
+            metrics["epoch_time_s"] += time.perf_counter() - t_val
+            metrics["epoch"] = epoch
+            history.append(metrics)
+            if metrics[self.selection_metric] > best[self.selection_metric]:
+                best = {self.selection_metric: metrics[self.selection_metric], "epoch": epoch}
+                save_checkpoint(
+                    {"model": graph.target.state_dict(), "epoch": epoch, "metrics": metrics}, best_path
+                )
+            save_checkpoint(
+                {
+                    "epoch": epoch,
+                    "models": {n: m.state_dict() for n, m in graph.models.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "loader": loader.state_dict(),
+                    "rng": rng_state(),
+                    "history": history,
+                    "best": best,
+                },
+                last_path,
+            )
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics, {"last": last_path, "best": best_path})
+        return TrainResult(last_path, best_path, history, best)
+
+    def _train_epoch(
+        self,
+        graph: TrainingGraph,
+        loader: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        device: torch.device,
+        epoch: int,
+        should_stop: Callable[[], bool] | None,
+    ) -> dict[str, float]:
+        graph.train()
+        term_names = list(graph.loss.terms)
+        # [total loss, each term, clean correct, adv correct], summed over examples, on the device.
+        sums = torch.zeros(len(term_names) + 3, dtype=torch.float64, device=device)
+        seen = 0
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch}/{self.epochs}",
+            file=sys.stderr,
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for x, y, _ in bar:
+            if should_stop is not None and should_stop():
+                raise TrainingInterruptedError(
+                    f"stopped during epoch {epoch}; resume continues after epoch {epoch - 1}"
+                )
+            with self._autocast(device):
+                out = graph.step(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            b = y.shape[0]
+            stats = torch.stack(
+                [out["loss"].detach().float(), *(out["parts"][n].detach().float() for n in term_names)]
+            )
+            sums[: len(term_names) + 1] += stats.double() * b
+            sums[-2] += (out["clean_logits"].argmax(1) == y).sum()
+            sums[-1] += (out["adv_logits"].argmax(1) == y).sum()
+            seen += b
+        values = (sums / max(seen, 1)).tolist()  # the epoch's one host sync
+        train_time = time.perf_counter() - t0
+        metrics = {"train/loss": values[0]}
+        metrics.update({f"train/loss/{n}": v for n, v in zip(term_names, values[1:])})
+        metrics.update(
+            {
+                "train/clean_acc": values[-2],
+                "train/adv_acc": values[-1],
+                "lr": lr,
+                "train/images_per_s": seen / train_time,
+                "epoch_time_s": train_time,
+            }
+        )
+        return metrics

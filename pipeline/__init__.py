@@ -1,0 +1,1 @@
+"""Entry points and their plumbing: config loading, tracking, registry, tuning (MLflow, Optuna, CLI)."""

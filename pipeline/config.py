@@ -1,0 +1,154 @@
+"""Gin config loading: experiment names to files, `;`-separated overrides, and errors before any work.
+
+``load_config("d2r_cag_cifar10,smoke", "ALPHA = 10; EPOCHS = 2")`` applies the files in order (later ones
+override), then the overrides, and checks what gin itself lets through: an override of a macro no file
+defines (a typo such as ``ALPAH = 10`` would otherwise silently do nothing) and a ``%MACRO`` that is used
+but never defined. Gin reports unknown configurables and parameters itself, with file and line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gin
+
+GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
+
+
+class ConfigError(ValueError):
+    """A config problem found before any work started; the message says what and where."""
+
+
+@dataclass
+class LoadedConfig:
+    """What was applied: the files in order, the override bindings, and the experiment's name."""
+
+    files: list[Path]
+    overrides: list[str]
+    experiment: str
+
+
+def available_configs() -> list[str]:
+    """Names usable with ``gin=``: every top-level file in gin/ (experiments and profiles)."""
+    return sorted(p.stem for p in GIN_DIR.glob("*.gin"))
+
+
+def resolve_gin_files(spec: str) -> list[Path]:
+    """Turn ``'d2r_cag_cifar10,smoke'`` (names in gin/ or paths to .gin files) into paths, in order."""
+    names = [s.strip() for s in str(spec).split(",") if s.strip()]
+    if not names:
+        raise ConfigError(f"no gin config given; available: {', '.join(available_configs())}")
+    files = []
+    for name in names:
+        as_path = Path(name)
+        if as_path.suffix == ".gin" and as_path.is_file():
+            files.append(as_path.resolve())
+            continue
+        candidate = GIN_DIR / f"{as_path.stem if as_path.suffix == '.gin' else name}.gin"
+        if not candidate.is_file():
+            close = difflib.get_close_matches(name, available_configs(), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown gin config {name!r}.{hint}\nAvailable configs: {', '.join(available_configs())}"
+            )
+        files.append(candidate)
+    return files
+
+
+def parse_overrides(overrides: str | list[str] | None) -> list[str]:
+    """Split ``'ALPHA = 10; EPOCHS = 2'`` (or newlines) into single gin bindings."""
+    if not overrides:
+        return []
+    parts = overrides if isinstance(overrides, list) else str(overrides).replace("\n", ";").split(";")
+    bindings = [p.strip() for p in parts if p.strip()]
+    for b in bindings:
+        if "=" not in b:
+            raise ConfigError(
+                f"bad override {b!r}: expected a gin binding such as 'ALPHA = 10' or 'Trainer.epochs = 2'"
+            )
+    return bindings
+
+
+def _defined_macros() -> set[str]:
+    return {scope for (scope, selector) in gin.config._CONFIG if selector == "gin.macro"}
+
+
+def _used_macros(value: Any) -> set[str]:
+    """Macro names referenced (``%NAME``) anywhere inside a bound value."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        if value.selector == "gin.macro":
+            return {value.scoped_selector.split("/")[0]}
+        return set()
+    if isinstance(value, dict):
+        return set().union(*(_used_macros(v) for v in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_used_macros(v) for v in value)) if value else set()
+    return set()
+
+
+def _check_override_targets(bindings: list[str], defined: set[str]) -> None:
+    for binding in bindings:
+        name = binding.split("=", 1)[0].strip()
+        if "." in name or "/" in name:
+            continue  # configurable parameters: gin checks these itself
+        if name not in defined:
+            close = difflib.get_close_matches(name, sorted(defined), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"override {binding!r} sets macro {name!r}, which no applied config defines.{hint}\n"
+                f"Macros defined: {', '.join(sorted(defined))}"
+            )
+
+
+def _check_macros_defined() -> None:
+    defined = _defined_macros()
+    for (scope, selector), params in gin.config._CONFIG.items():
+        for param, value in params.items():
+            missing = _used_macros(value) - defined
+            if missing:
+                where = f"{scope + '/' if scope else ''}{selector}.{param}"
+                raise ConfigError(
+                    f"{where} uses undefined macro(s) {', '.join('%' + m for m in sorted(missing))}"
+                )
+
+
+def load_config(spec: str, overrides: str | list[str] | None = None) -> LoadedConfig:
+    """Clear gin, register every component, apply the files then the overrides, and check them."""
+    import components  # noqa: F401  (registers every configurable with gin)
+
+    files = resolve_gin_files(spec)
+    bindings = parse_overrides(overrides)
+    gin.clear_config()
+    gin.add_config_file_search_path(str(GIN_DIR))
+    try:
+        gin.parse_config_files_and_bindings([str(f) for f in files], None, finalize_config=False)
+        _check_override_targets(bindings, _defined_macros())
+        gin.parse_config_files_and_bindings(None, bindings, finalize_config=False)
+    except ConfigError:
+        raise
+    except (ValueError, SyntaxError, TypeError, KeyError, OSError) as err:
+        raise ConfigError(f"{type(err).__name__}: {err}") from err
+    _check_macros_defined()
+    return LoadedConfig(files=files, overrides=bindings, experiment=files[0].stem)
+
+
+def macro(name: str, default: Any = None) -> Any:
+    """The value of a gin macro, or ``default`` when no applied config defines it."""
+    return gin.query_parameter(f"%{name}") if name in _defined_macros() else default
+
+
+def flat_parameters() -> dict[str, str]:
+    """Every bound gin parameter as ``'scope/Configurable.param' -> value`` strings (for MLflow params)."""
+    flat = {}
+    for (scope, selector), params in sorted(gin.config._CONFIG.items()):
+        if selector == "gin.macro":
+            flat[scope] = repr(params.get("value"))
+            continue
+        prefix = f"{scope}/" if scope else ""
+        short = selector.rsplit(".", 1)[-1]
+        for param, value in params.items():
+            flat[f"{prefix}{short}.{param}"] = repr(value) if not isinstance(value, str) else value
+    return flat
