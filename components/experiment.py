@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import gin
+import torch
 
 from components.graph import TrainingGraph
 from components.training import Trainer
@@ -22,7 +24,15 @@ class Experiment:
 
 @gin.configurable
 def experiment(
-    graph: TrainingGraph = gin.REQUIRED, data: Any = gin.REQUIRED, trainer: Trainer = gin.REQUIRED
+    graph: Callable[[], TrainingGraph] = gin.REQUIRED,
+    data: Callable[[], Any] = gin.REQUIRED,
+    trainer: Callable[[], Trainer] = gin.REQUIRED,
+    seed: int = 0,
 ) -> Experiment:
-    """Build the three parts; every constructor validates its own arguments, so errors come before work."""
-    return Experiment(graph=graph, data=data, trainer=trainer)
+    """Build the three parts from their configurables (bound as ``@TrainingGraph``, without a call).
+
+    The global RNG is seeded first, so the models' initial weights depend on ``seed`` alone and not on
+    what ran before in the process. Every constructor validates its arguments: errors come before work.
+    """
+    torch.manual_seed(seed)
+    return Experiment(graph=graph(), data=data(), trainer=trainer())

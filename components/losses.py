@@ -29,6 +29,11 @@ from components.views import parse_view
 REDUCTIONS = ("mean", "batchmean", "sum")
 
 
+def _full(z: Tensor) -> Tensor:
+    """Upcast half-precision logits to float32; leave float32/float64 as they are."""
+    return z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
+
+
 def _check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; use one of {REDUCTIONS}")
@@ -51,12 +56,12 @@ def kl_div(
     ``target_eps > 0`` reproduces the authors' helper ``b * (log(b + eps) - a)`` exactly (eps only inside
     the log of the target probabilities); ``0`` is ``F.kl_div``. Both differentiate through both sides.
     """
-    log_q_in = F.log_softmax(input_logits.float(), dim=1)
+    log_q_in = F.log_softmax(_full(input_logits), dim=1)
     if target_eps > 0:
-        q_t = F.softmax(target_logits.float(), dim=1)
+        q_t = F.softmax(_full(target_logits), dim=1)
         elementwise = q_t * (torch.log(q_t + target_eps) - log_q_in)
     else:
-        log_q_t = F.log_softmax(target_logits.float(), dim=1)
+        log_q_t = F.log_softmax(_full(target_logits), dim=1)
         elementwise = F.kl_div(log_q_in, log_q_t, reduction="none", log_target=True)
     return _reduce(elementwise, reduction)
 
@@ -83,7 +88,7 @@ class CrossEntropy(Term):
         (self.view,) = self._register(view)
 
     def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
-        return F.cross_entropy(views[self.view].float(), y)
+        return F.cross_entropy(_full(views[self.view]), y)
 
 
 @gin.configurable
@@ -100,7 +105,7 @@ class LabelSmoothedCE(Term):
         self.factor = factor
 
     def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
-        logits = views[self.view].float()
+        logits = _full(views[self.view])
         k = logits.shape[1]
         soft = torch.full_like(logits, (1.0 - self.factor) / (k - 1))
         soft.scatter_(1, y[:, None], self.factor)
@@ -118,10 +123,10 @@ class MSE(Term):
         self.detach_target = detach_target
 
     def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
-        target = views[self.target].float()
+        target = _full(views[self.target])
         if self.detach_target:
             target = target.detach()
-        return F.mse_loss(views[self.input].float(), target)
+        return F.mse_loss(_full(views[self.input]), target)
 
 
 @gin.configurable

@@ -8,7 +8,10 @@ but never defined. Gin reports unknown configurables and parameters itself, with
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +118,24 @@ def _check_macros_defined() -> None:
                 )
 
 
+class _SearchPathNoise(logging.Filter):
+    """Gin tries each search path for an include and logs every miss at ERROR; the misses are expected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Path not found:")
+
+
+@contextlib.contextmanager
+def _quiet_include_search() -> Iterator[None]:
+    noise = _SearchPathNoise()
+    root = logging.getLogger()
+    root.addFilter(noise)
+    try:
+        yield
+    finally:
+        root.removeFilter(noise)
+
+
 def load_config(spec: str, overrides: str | list[str] | None = None) -> LoadedConfig:
     """Clear gin, register every component, apply the files then the overrides, and check them."""
     import components  # noqa: F401  (registers every configurable with gin)
@@ -122,15 +143,17 @@ def load_config(spec: str, overrides: str | list[str] | None = None) -> LoadedCo
     files = resolve_gin_files(spec)
     bindings = parse_overrides(overrides)
     gin.clear_config()
-    gin.add_config_file_search_path(str(GIN_DIR))
-    try:
-        gin.parse_config_files_and_bindings([str(f) for f in files], None, finalize_config=False)
-        _check_override_targets(bindings, _defined_macros())
-        gin.parse_config_files_and_bindings(None, bindings, finalize_config=False)
-    except ConfigError:
-        raise
-    except (ValueError, SyntaxError, TypeError, KeyError, OSError) as err:
-        raise ConfigError(f"{type(err).__name__}: {err}") from err
+    if str(GIN_DIR) not in gin.config._LOCATION_PREFIXES:
+        gin.add_config_file_search_path(str(GIN_DIR))
+    with _quiet_include_search():
+        try:
+            gin.parse_config_files_and_bindings([str(f) for f in files], None, finalize_config=False)
+            _check_override_targets(bindings, _defined_macros())
+            gin.parse_config_files_and_bindings(None, bindings, finalize_config=False)
+        except ConfigError:
+            raise
+        except (ValueError, SyntaxError, TypeError, KeyError, OSError) as err:
+            raise ConfigError(f"{type(err).__name__}: {err}") from err
     _check_macros_defined()
     return LoadedConfig(files=files, overrides=bindings, experiment=files[0].stem)
 

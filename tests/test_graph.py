@@ -1,0 +1,158 @@
+"""The training step: each view computed once, modes per phase, gradients into both networks."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from components.attacks import CEObjective, GaussianInit, PGDGenerator, RandomSignInit, SoftLabelKLObjective
+from components.graph import TrainingGraph
+from components.losses import KL, MSE, CrossEntropy, KLGap, WeightedLoss
+
+
+def tiny_net(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    )
+
+
+class Recorder:
+    """Counts forward calls per model and records the train/eval mode of each call."""
+
+    def __init__(self, models):
+        self.calls = Counter()
+        self.modes = {name: [] for name in models}
+        for name, m in models.items():
+            m.register_forward_hook(self._hook(name))
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            self.calls[name] += 1
+            self.modes[name].append(module.training)
+
+        return hook
+
+
+def d2r_graph(steps=3):
+    models = {"target": tiny_net(0), "guide": tiny_net(1)}
+    gen = PGDGenerator(
+        objective=SoftLabelKLObjective(model="target", soft_label_model="guide"),
+        eps=0.031,
+        step_size=0.007,
+        steps=steps,
+        init=GaussianInit(0.001),
+        bn_mode="eval",
+    )
+    loss = WeightedLoss(
+        terms={
+            "ce_guide": (1.0, CrossEntropy(view="guide(x)")),
+            "mse": (1.0, MSE(input="target(x_adv)", target="guide(x)")),
+            "kl_gap": (20.0, KLGap(a="guide(x)", b="target(x)")),
+            "kl_adv": (30.0, KL(input="guide(x)", target="target(x_adv)")),
+        }
+    )
+    return TrainingGraph(models=models, generator=gen, loss=loss)
+
+
+def batch(n=6):
+    torch.manual_seed(5)
+    return torch.rand(n, 3, 8, 8), torch.randint(0, 3, (n,))
+
+
+def test_d2r_cag_step_computes_each_view_once_and_the_guide_soft_label_once():
+    graph = d2r_graph(steps=3)
+    graph.train()
+    rec = Recorder(graph.models)
+    x, y = batch()
+    graph.step(x, y)
+    # target: 3 attack steps (eval) + target(x_adv) + target(x) (train); guide: soft label (eval) + guide(x).
+    assert rec.calls == {"target": 5, "guide": 2}
+    assert rec.modes["target"] == [False, False, False, True, True]
+    assert rec.modes["guide"] == [False, True]
+    assert all(m.training for m in graph.models.values())
+
+
+def test_every_d2r_term_backpropagates_into_both_networks():
+    """Nothing is detached in the authors' loss: MSE and kl5 pull the guide AND the target."""
+    x, y = batch()
+    for term in ("mse", "kl_gap", "kl_adv"):
+        graph = d2r_graph(steps=1)
+        graph.train()
+        out = graph.step(x, y)
+        graph.zero_grad()
+        out["parts"][term].backward()
+        for name, model in graph.models.items():
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and sum(g.abs().sum() for g in grads) > 0, f"{term} gives no gradient to {name}"
+
+
+def test_regmix_step_reuses_the_init_forward_four_forwards_in_all():
+    torch.manual_seed(0)
+    models = {"target": tiny_net(0)}
+    gen = PGDGenerator(
+        objective=CEObjective(),
+        eps=8 / 255,
+        step_size=4 / 255,
+        steps=2,
+        init=RandomSignInit(),
+        bn_mode="train",
+        init_view=True,
+    )
+    loss = WeightedLoss(
+        terms={
+            "ce_adv": (1.0, CrossEntropy(view="target(x_adv)")),
+            "amr_main": (50.0, KL(input="target(x_adv)", target="target(x_init)")),
+            "amr_aux": (20.0, KL(input="target(x_init)", target="target(x_adv)")),
+            "agr": (20.0, KL(input="target(x_adv)", target="target(x)")),
+        }
+    )
+    graph = TrainingGraph(models=models, generator=gen, loss=loss)
+    graph.train()
+    rec = Recorder(graph.models)
+    x, y = batch()
+    out = graph.step(x, y)
+    assert rec.calls["target"] == 4  # init (kept as a view) + attack step 2 + x_adv + x
+    assert rec.modes["target"] == [True] * 4
+    graph.zero_grad()
+    out["parts"]["amr_main"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in graph.models["target"].parameters())
+
+
+def test_metric_logits_never_add_a_train_mode_forward():
+    """PGD-AT reads only target(x_adv); clean accuracy comes from an eval-mode no-grad forward."""
+    models = {"target": tiny_net(0)}
+    gen = PGDGenerator(objective=CEObjective(), eps=8 / 255, step_size=2 / 255, steps=2, bn_mode="train")
+    graph = TrainingGraph(
+        models=models, generator=gen, loss=WeightedLoss(terms={"ce": (1.0, CrossEntropy("target(x_adv)"))})
+    )
+    graph.train()
+    rec = Recorder(graph.models)
+    out = graph.step(*batch())
+    assert rec.modes["target"] == [True, True, True, False]
+    assert out["clean_logits"].shape == (6, 3) and not out["clean_logits"].requires_grad
+
+
+@pytest.mark.parametrize(
+    "models, loss_view, message",
+    [
+        ({"target": 0}, "guide(x)", "names model 'guide'"),
+        ({"target": 0, "guide": 1}, "target(x_init)", "x_init needs PGDGenerator.init_view"),
+    ],
+)
+def test_graph_rejects_views_it_cannot_compute(models, loss_view, message):
+    nets = {name: tiny_net(seed) for name, seed in models.items()}
+    gen = PGDGenerator(objective=CEObjective(), eps=0.03, step_size=0.01, steps=1)
+    loss = WeightedLoss(terms={"t": (1.0, CrossEntropy(view=loss_view))})
+    with pytest.raises(ValueError, match=message):
+        TrainingGraph(models=nets, generator=gen, loss=loss)
+
+
+def test_generator_model_must_exist():
+    gen = PGDGenerator(
+        objective=SoftLabelKLObjective(soft_label_model="guide"), eps=0.03, step_size=0.01, steps=1
+    )
+    loss = WeightedLoss(terms={"t": (1.0, CrossEntropy(view="target(x)"))})
+    with pytest.raises(ValueError, match="uses model 'guide'"):
+        TrainingGraph(models={"target": tiny_net(0)}, generator=gen, loss=loss)
