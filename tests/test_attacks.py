@@ -634,4 +634,4 @@ def test_init_view_pgd2_matches_a_hand_written_regmix_loop():
 
 def test_init_view_requires_train_bn_mode():
     with pytest.raises(ValueError, match="init_view=True needs bn_mode='train'"):
-        PGDGenerator(CEObjective(), EPS, EPS / 2, steps=2, init=RandomSignInit(), init_view=True)
+        PGDGenerator(CEObjective(), EPS, EPS / 2, 2, init=RandomSignInit(), bn_mode="eval", init_view=True)
