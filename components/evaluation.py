@@ -55,10 +55,12 @@ def pgd_eval_attack(
             stepped = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
             stepped = (x + stepped).clamp(0, 1) - x
             delta = torch.where(active[:, None, None, None], stepped, delta.detach())
+        if restarts == 1:
+            return (x + delta).detach()
         with torch.no_grad():
             fooled = model(x + delta).argmax(1) != y
-        take = still_correct & fooled if restarts > 1 else torch.ones_like(fooled)
-        best = torch.where(take[:, None, None, None], delta, best)
+        # Keep the first restart that fools an example; for the others the last restart's delta.
+        best = torch.where(still_correct[:, None, None, None], delta, best)
         still_correct &= ~fooled
     return (x + best).detach()
 
@@ -71,21 +73,22 @@ def robust_accuracy(
     step_size: float = STEP_2_255,
 ) -> dict[str, float]:
     """Clean and PGD-``attack_steps`` accuracy of ``model`` (put in eval mode here) over a loader."""
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     correct = torch.zeros(2, dtype=torch.long)
     count = 0
-    device = None
-    for x, y, _ in batches:
-        device = x.device
-        correct = correct.to(device)
-        with torch.no_grad():
-            correct[0] += (model(x).argmax(1) == y).sum()
-        x_adv = pgd_eval_attack(model, x, y, eps=eps, step_size=step_size, steps=attack_steps)
-        with torch.no_grad():
-            correct[1] += (model(x_adv).argmax(1) == y).sum()
-        count += y.shape[0]
-    model.train(was_training)
+    try:
+        for x, y, _ in batches:
+            correct = correct.to(x.device)
+            with torch.no_grad():
+                correct[0] += (model(x).argmax(1) == y).sum()
+            x_adv = pgd_eval_attack(model, x, y, eps=eps, step_size=step_size, steps=attack_steps)
+            with torch.no_grad():
+                correct[1] += (model(x_adv).argmax(1) == y).sum()
+            count += y.shape[0]
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
     if count == 0:
         raise ValueError("robust_accuracy: the loader yielded no examples")
     clean, adv = (correct.double() / count).tolist()

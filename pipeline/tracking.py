@@ -34,9 +34,15 @@ def start_run(experiment_name: str, run_id: str | None = None) -> mlflow.ActiveR
     return mlflow.start_run()
 
 
-def run_has_params(run_id: str) -> bool:
-    """Whether an earlier process already logged this run's parameters (a resumed run)."""
-    return bool(mlflow.get_run(run_id).data.params)
+STARTED_TAG = "robustflow.experiment"
+
+
+def run_was_started(run_id: str) -> bool:
+    """Whether an earlier process already trained in this run (its tags are set), i.e. this is a resume.
+
+    Parameters alone do not tell: ``mlflow run`` logs the entry point's own parameters before we start.
+    """
+    return STARTED_TAG in mlflow.get_run(run_id).data.tags
 
 
 def log_params(params: Mapping[str, object]) -> None:

@@ -25,11 +25,12 @@ import torch
 from pipeline.config import ConfigError, available_configs, flat_parameters, load_config, macro
 from pipeline.plots import training_curves
 from pipeline.tracking import (
+    STARTED_TAG,
     configure_tracking,
     fetch_resume_checkpoint,
     log_checkpoints,
     log_params,
-    run_has_params,
+    run_was_started,
     start_run,
 )
 
@@ -114,14 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     with start_run(model_name, args.run_id) as run:
         run_id = run.info.run_id
         ckpt_dir = Path(args.output_dir) / run_id
-        resume_from = None
-        if run_has_params(run_id):
-            resume_from = fetch_resume_checkpoint(run_id, ckpt_dir)
+        resume_from = fetch_resume_checkpoint(run_id, ckpt_dir) if run_was_started(run_id) else None
+        if resume_from is not None:
             print(f"robustflow: resuming run {run_id} from {resume_from}", file=sys.stderr)
         else:
             mlflow.set_tags(
                 {
-                    "robustflow.experiment": loaded.experiment,
+                    STARTED_TAG: loaded.experiment,
                     "robustflow.gin": args.gin,
                     "robustflow.overrides": "; ".join(loaded.overrides),
                     "robustflow.model_name": model_name,

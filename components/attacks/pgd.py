@@ -23,12 +23,14 @@ def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
 
 def check_eps(eps: float, step_size: float | None = None, what: str = "attack") -> None:
     """Reject radii that cannot be pixel-space L-inf budgets (a common slip: eps=8 meaning 8/255)."""
-    if not (isinstance(eps, (int, float)) and 0.0 < eps <= 1.0):
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0.0 < eps <= 1.0):
         raise ValueError(
             f"{what}: eps={eps!r} is out of range (0, 1]. Inputs are in [0,1] pixel space, so 8/255 is "
             "written 0.03137254901960784"
         )
-    if step_size is not None and not (isinstance(step_size, (int, float)) and 0.0 < step_size <= 1.0):
+    if step_size is not None and (
+        isinstance(step_size, bool) or not (isinstance(step_size, (int, float)) and 0.0 < step_size <= 1.0)
+    ):
         raise ValueError(f"{what}: step_size={step_size!r} is out of range (0, 1] (pixel space)")
 
 
@@ -43,14 +45,15 @@ class AttackResult:
 @contextlib.contextmanager
 def bn_mode(models: Mapping[str, nn.Module], names: tuple[str, ...], mode: str) -> Iterator[None]:
     """Put the named models in train or eval mode for the duration, then restore each one's own mode."""
-    before = {n: models[n].training for n in names}
+    # Record every submodule: a model may hold parts in their own mode (e.g. a frozen BN in eval).
+    before = [(m, m.training) for n in names for m in models[n].modules()]
     for n in names:
         models[n].train(mode == "train")
     try:
         yield
     finally:
-        for n, was_training in before.items():
-            models[n].train(was_training)
+        for module, was_training in before:
+            module.training = was_training
 
 
 @contextlib.contextmanager
@@ -116,18 +119,18 @@ class PGDGenerator:
         with bn_mode(models, names, self.bn_mode):
             x_adv = self.init(x, self.eps).detach()
             first = 0
+            ctx = self.objective.prepare(models, x, y)
             if self.init_view:
                 # Forward once with parameter gradients: its output is both the loss's view at x_init
                 # and the source of the first attack step's input gradient.
                 x_init = x_adv.requires_grad_(True)
-                loss, logits = self.objective(models, x_init, y, self.objective.prepare(models, x, y))
+                loss, logits = self.objective(models, x_init, y, ctx)
                 (grad,) = torch.autograd.grad(loss, x_init, retain_graph=True)
                 inputs["x_init"] = x_init.detach()
                 views[f"{self.objective.model}(x_init)"] = logits
                 x_adv = self._ascend(x_init, grad, x)
                 first = 1
             with input_grad_only(models, names):
-                ctx = self.objective.prepare(models, x, y)
                 for _ in range(first, self.steps):
                     x_adv.requires_grad_(True)
                     loss, _ = self.objective(models, x_adv, y, ctx)
