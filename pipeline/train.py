@@ -15,15 +15,25 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import gin
 import matplotlib.pyplot as plt
 import mlflow
 import torch
 
-from pipeline.config import ConfigError, available_configs, flat_parameters, load_config, macro
+from pipeline.config import (
+    ConfigError,
+    LoadedConfig,
+    available_configs,
+    flat_parameters,
+    load_config,
+    macro,
+)
 from pipeline.plots import training_curves
+from pipeline.registry import log_model, model_card, register
 from pipeline.tracking import (
     STARTED_TAG,
     configure_tracking,
@@ -33,6 +43,9 @@ from pipeline.tracking import (
     run_was_started,
     start_run,
 )
+
+if TYPE_CHECKING:
+    from components.experiment import Experiment
 
 EXIT_USAGE = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a terminated job
@@ -107,14 +120,44 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataNotFoundError, ValueError, TypeError) as err:
         print(f"robustflow train: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    model_name = macro("MODEL_NAME", loaded.experiment)
-    operative = gin.config_str()
     configure_tracking()
     stop = _StopFlag()
     stop.install()
-    with start_run(model_name, args.run_id) as run:
+    try:
+        train_experiment(
+            loaded, exp, gin_spec=args.gin, run_id=args.run_id, output_dir=args.output_dir, stop=stop
+        )
+    except TrainingInterruptedError:
+        return EXIT_TERMINATED
+    return 0
+
+
+def train_experiment(
+    loaded: LoadedConfig,
+    exp: Experiment,
+    *,
+    gin_spec: str,
+    run_id: str | None = None,
+    output_dir: str | Path = "outputs",
+    stop: Callable[[], bool] | None = None,
+    nested: bool = False,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    register_model: bool = True,
+) -> dict[str, Any]:
+    """Train a built experiment inside an MLflow run (new, resumed, or nested) and register its best model.
+
+    ``on_epoch`` sees each epoch's metrics after they are logged (Optuna reports and prunes there: it may
+    raise to stop the run, which then ends FAILED unless the caller's exception says otherwise).
+    Returns the run id, the best validation score, the test metrics and the registered version.
+    """
+    from components.training import TrainingInterruptedError
+
+    model_name = macro("MODEL_NAME", loaded.experiment)
+    config_text = gin.config_str()
+    run_ctx = mlflow.start_run(nested=True) if nested else start_run(model_name, run_id)
+    with run_ctx as run:
         run_id = run.info.run_id
-        ckpt_dir = Path(args.output_dir) / run_id
+        ckpt_dir = Path(output_dir) / run_id
         resume_from = fetch_resume_checkpoint(run_id, ckpt_dir) if run_was_started(run_id) else None
         if resume_from is not None:
             print(f"robustflow: resuming run {run_id} from {resume_from}", file=sys.stderr)
@@ -122,14 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             mlflow.set_tags(
                 {
                     STARTED_TAG: loaded.experiment,
-                    "robustflow.gin": args.gin,
+                    "robustflow.gin": gin_spec,
                     "robustflow.overrides": "; ".join(loaded.overrides),
                     "robustflow.model_name": model_name,
                 }
             )
             log_params(flat_parameters())
             log_params({f"data.{k}": v for k, v in exp.data.summary().items()})
-            mlflow.log_text(operative, "config/config.gin")
+            mlflow.log_text(config_text, "config/config.gin")
 
         def on_epoch_end(epoch: int, metrics: dict[str, float], paths: dict[str, Path]) -> None:
             mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
@@ -139,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             sel = exp.trainer.selection_metric
             print(f"epoch {epoch}/{exp.trainer.epochs} {shown} {sel}={metrics[sel]:.4f}", file=sys.stderr)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
 
         try:
             result = exp.trainer.fit(
@@ -147,17 +192,30 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingInterruptedError as err:
             print(f"robustflow: {err}. Resume with --run-id {run_id}", file=sys.stderr)
             mlflow.end_run(status="KILLED")
-            return EXIT_TERMINATED
+            raise
         mlflow.log_text(gin.operative_config_str(), "config/operative.gin")
+        selection = exp.trainer.selection_metric
+        best_score = float(result.best[selection])
         test = test_metrics(exp, result.best_checkpoint)
-        mlflow.log_metrics(test)
+        mlflow.log_metrics({**test, f"val/best_{selection.split('/', 1)[1]}": best_score})
         if result.history:
-            figure = training_curves(result.history, exp.trainer.selection_metric)
+            figure = training_curves(result.history, selection)
             mlflow.log_figure(figure, "plots/training_curves.png")
             plt.close(figure)
         print("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()), file=sys.stderr)
+        registered = None
+        if register_model:
+            # test_metrics left the best checkpoint's weights in the target: that is what gets registered.
+            uri = log_model(exp.graph.target, exp.data.image_shape)
+            card = model_card(run_id, model_name, best_score, exp.data.summary(), config_text)
+            mlflow.log_text(card, "model_card.md")
+            registered = register(run_id, model_name, uri, best_score, card)
+            state = "now champion" if registered.champion else "champion unchanged"
+            print(
+                f"robustflow: registered {model_name} version {registered.version} ({state})", file=sys.stderr
+            )
         print(f"robustflow: run {run_id} finished (experiment {model_name})", file=sys.stderr)
-    return 0
+    return {"run_id": run_id, "best_score": best_score, "test": test, "registered": registered}
 
 
 def test_metrics(exp, best_checkpoint: Path) -> dict[str, float]:  # noqa: ANN001  (an Experiment)

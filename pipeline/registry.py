@@ -1,0 +1,187 @@
+"""The model registry: one registered model per experiment, the alias ``champion`` on the most robust.
+
+Every training run registers its best checkpoint (by the validation split, never the test set) as a new
+version of the model named after the experiment (gin macro ``MODEL_NAME``). ``champion`` moves to the new
+version only if its ``val/pgd20_acc`` is strictly higher than the current champion's; ties keep the older
+version. The rule is applied by re-reading every version's score after registering, so two workers
+registering at once still leave the alias on the best version.
+
+Two ways back to a model:
+
+* ``load_model(uri)`` (robustflow's loader): rebuilds the real ``nn.Module`` class from the run's gin
+  config and loads the weights with ``torch.load(weights_only=True)``; nothing is unpickled.
+* ``mlflow.pytorch.load_model(uri)``: the model is logged in MLflow's default ``pt2`` (torch.export)
+  format, which loads without unpickling; what comes back is a differentiable ``GraphModule`` exported
+  in eval mode, on which torch does not support calling ``.eval()``.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from torch import nn
+
+CHAMPION = "champion"
+SCORE_TAG = "val_pgd20_acc"
+MODEL_ARTIFACT = "model"
+
+
+@dataclass
+class Registered:
+    """The version a run registered and whether it took the champion alias."""
+
+    name: str
+    version: str
+    score: float
+    champion: bool
+
+
+def model_card(run_id: str, name: str, score: float, data_summary: dict[str, Any], config: str) -> str:
+    """A short markdown card: what was trained on what, how robust, and how to re-create it."""
+    run = mlflow.get_run(run_id)
+    metrics = run.data.metrics
+    lines = [
+        f"# {name}",
+        "",
+        f"Trained by MLflow run `{run_id}` (experiment id {run.info.experiment_id}); "
+        f"gin: `{run.data.tags.get('robustflow.gin', '?')}`, "
+        f"overrides: `{run.data.tags.get('robustflow.overrides', '')}`.",
+        "",
+        f"Selected by validation PGD-20 accuracy: **{score:.4f}** (a split held out of the training set).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/best"))),
+        "",
+        "Data: " + ", ".join(f"{k}={v}" for k, v in data_summary.items()),
+        "",
+        "Inputs are images in [0, 1] (normalization, if any, is inside the model); eps is in pixel space.",
+        "Re-create: `mlflow run . -e train -P gin=<config.gin downloaded from the run>`.",
+        "",
+        "## Gin config",
+        "```",
+        config.strip(),
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def log_model(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """Log ``model`` (eval mode, CPU) to the active run as MLflow's pt2 pytorch model; returns its URI."""
+    model = model.eval()
+    device = next(model.parameters()).device
+    cpu_model = model.to("cpu")
+    example = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)
+    try:
+        info = mlflow.pytorch.log_model(
+            cpu_model, name=MODEL_ARTIFACT, input_example=example, serialization_format="pt2"
+        )
+    finally:
+        model.to(device)
+    return info.model_uri
+
+
+def _score(client: mlflow.MlflowClient, name: str, version: str) -> float:
+    tags = client.get_model_version(name, version).tags
+    return float(tags.get(SCORE_TAG, "-inf"))
+
+
+def settle_champion(name: str) -> str | None:
+    """Point ``champion`` at the best-scoring version (ties: the oldest); returns that version."""
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        return None
+    best = max(versions, key=lambda v: (float(v.tags.get(SCORE_TAG, "-inf")), -int(v.version)))
+    try:
+        current = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        current = None
+    if current is None or _score(client, name, current) < float(best.tags.get(SCORE_TAG, "-inf")):
+        client.set_registered_model_alias(name, CHAMPION, best.version)
+        return str(best.version)
+    return current
+
+
+def register(run_id: str, name: str, model_uri: str, score: float, card: str) -> Registered:
+    """Register ``model_uri`` as a new version of ``name`` and apply the champion rule."""
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, description=f"robustflow experiment {name}: best robust model per run"
+        )
+    version = client.create_model_version(
+        name, model_uri, run_id=run_id, description=card, tags={SCORE_TAG: repr(score)}
+    )
+    champion = settle_champion(name)
+    number = str(version.version)
+    return Registered(name=name, version=number, score=score, champion=champion == number)
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run>[0-9a-f]+)(?:/.*)?$")
+
+
+def run_of(model_uri: str) -> str:
+    """The training run behind ``models:/name@alias``, ``models:/name/version`` or ``runs:/id/...``."""
+    client = mlflow.MlflowClient()
+    if match := _MODELS_URI.match(model_uri):
+        if match["alias"]:
+            return client.get_model_version_by_alias(match["name"], match["alias"]).run_id
+        return client.get_model_version(match["name"], match["version"]).run_id
+    if match := _RUNS_URI.match(model_uri):
+        return match["run"]
+    raise ValueError(
+        f"unsupported model URI {model_uri!r}: use models:/<name>@<alias>, models:/<name>/<version> "
+        "or runs:/<run_id>/model"
+    )
+
+
+def _eval_model_name() -> str:
+    import gin
+
+    try:
+        return gin.query_parameter("TrainingGraph.eval_model")
+    except ValueError:
+        return "target"
+
+
+def load_model(model_uri: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The real ``nn.Module`` behind a registry URI, rebuilt from its run's gin config, in eval mode.
+
+    The weights come from the run's ``checkpoints/best.pt`` through ``torch.load(weights_only=True)``,
+    with ``strict=True`` so a key mismatch can never silently leave random weights (METHODS.md 1.5).
+    """
+    import gin
+
+    from components.checkpoint import load_checkpoint, strip_module_prefix
+    from pipeline.config import load_config
+
+    run_id = run_of(model_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="config/config.gin", dst_path=tmp
+            )
+        )
+        best = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="checkpoints/best.pt", dst_path=tmp
+        )
+        load_config(str(config))
+        # Build only the evaluated model (no data, no guide): the scoped backbone reference in the graph.
+        reference = gin.query_parameter("TrainingGraph.models")[_eval_model_name()]
+        model = reference.scoped_configurable_fn()
+        state = load_checkpoint(best, map_location="cpu")
+        model.load_state_dict(strip_module_prefix(state["model"]), strict=True)
+    gin.clear_config()
+    return model.to(device).eval()
