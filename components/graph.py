@@ -36,6 +36,9 @@ class TrainingGraph(nn.Module):
         self.generator = generator
         self.loss = loss
         self.eval_model = eval_model
+        # Data-parallel wrappers used for the loss views (set by the trainer under torchrun); attacks and
+        # metrics use the plain modules. A plain dict, so the wrappers are not registered submodules.
+        self.parallel: dict[str, nn.Module] = {}
         self._validate()
 
     def _validate(self) -> None:
@@ -78,7 +81,8 @@ class TrainingGraph(nn.Module):
         for name in self.loss.views:
             if name not in views:
                 view = parse_view(name)
-                views[name] = self.models[view.model](inputs[view.input])
+                model = self.parallel.get(view.model, self.models[view.model])
+                views[name] = model(inputs[view.input])
         total, parts = self.loss(views, y)
         out: dict[str, Tensor | dict[str, Tensor]] = {"loss": total, "parts": parts}
         for key, inp in (("clean_logits", "x"), ("adv_logits", "x_adv")):

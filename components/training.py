@@ -20,6 +20,7 @@ import gin
 import torch
 from tqdm.auto import tqdm
 
+from components import distributed as dist
 from components.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from components.evaluation import robust_accuracy
 from components.graph import TrainingGraph
@@ -108,7 +109,10 @@ class Trainer:
         if self.compile:
             for model in graph.models.values():
                 model.compile()
-        loader = data.train_loader()
+        if dist.is_distributed():
+            graph.parallel = {n: dist.wrap(m, device) for n, m in graph.models.items()}
+        rank, world = dist.rank(), dist.world_size()
+        loader = data.train_loader(rank, world)
         steps_per_epoch = len(loader)
         optimizer = self.optimizer_fn(graph.models)
         scheduler = make_lr_scheduler(optimizer, self.schedule, steps_per_epoch, self.epochs)
@@ -119,39 +123,48 @@ class Trainer:
                 model.load_state_dict(state["models"][name])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            loader.load_state_dict(state["loader"])
-            set_rng_state(state["rng"])
+            if len(state["ranks"]) != world:
+                raise ValueError(
+                    f"checkpoint {resume_from} was written by {len(state['ranks'])} process(es), "
+                    f"this run has {world}: resume with the same number of processes"
+                )
+            loader.load_state_dict(state["ranks"][rank]["loader"])
+            set_rng_state(state["ranks"][rank]["rng"])
             start_epoch, history, best = state["epoch"], list(state["history"]), dict(state["best"])
 
         for epoch in range(start_epoch + 1, self.epochs + 1):
             metrics = self._train_epoch(graph, loader, optimizer, scheduler, device, epoch, should_stop)
-            t_val = time.perf_counter()
-            with self._autocast(device):
-                val = robust_accuracy(graph.target, data.val_loader(), attack_steps=self.val_steps)
-            metrics.update({f"val/{k}": v for k, v in val.items()})
-            metrics["epoch_time_s"] += time.perf_counter() - t_val
-            metrics["epoch"] = epoch
-            history.append(metrics)
-            if metrics[self.selection_metric] > best[self.selection_metric]:
-                best = {self.selection_metric: metrics[self.selection_metric], "epoch": epoch}
+            if rank == 0:
+                # Validation on rank 0 only; the other ranks wait in the gather below.
+                t_val = time.perf_counter()
+                with self._autocast(device):
+                    val = robust_accuracy(graph.target, data.val_loader(), attack_steps=self.val_steps)
+                metrics.update({f"val/{k}": v for k, v in val.items()})
+                metrics["epoch_time_s"] += time.perf_counter() - t_val
+                metrics["epoch"] = epoch
+                history.append(metrics)
+            # RNG states after validation (it draws random starts), from every rank: a collective.
+            rank_states = dist.gather_objects({"loader": loader.state_dict(), "rng": rng_state()})
+            if rank == 0:
+                if metrics[self.selection_metric] > best[self.selection_metric]:
+                    best = {self.selection_metric: metrics[self.selection_metric], "epoch": epoch}
+                    state = {"model": graph.target.state_dict(), "epoch": epoch, "metrics": metrics}
+                    save_checkpoint(state, best_path)
                 save_checkpoint(
-                    {"model": graph.target.state_dict(), "epoch": epoch, "metrics": metrics}, best_path
+                    {
+                        "epoch": epoch,
+                        "models": {n: m.state_dict() for n, m in graph.models.items()},
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "ranks": rank_states,
+                        "history": history,
+                        "best": best,
+                    },
+                    last_path,
                 )
-            save_checkpoint(
-                {
-                    "epoch": epoch,
-                    "models": {n: m.state_dict() for n, m in graph.models.items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "loader": loader.state_dict(),
-                    "rng": rng_state(),
-                    "history": history,
-                    "best": best,
-                },
-                last_path,
-            )
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, metrics, {"last": last_path, "best": best_path})
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, metrics, {"last": last_path, "best": best_path})
+            dist.barrier()
         return TrainResult(last_path, best_path, history, best)
 
     def _train_epoch(
@@ -179,11 +192,15 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
+        distributed = dist.is_distributed()
         for x, y, _ in bar:
-            if should_stop is not None and should_stop():
+            stop = should_stop is not None and should_stop()
+            if dist.any_rank(stop, device) if distributed else stop:
                 raise TrainingInterruptedError(
                     f"stopped during epoch {epoch}; resume continues after epoch {epoch - 1}"
                 )
+            if distributed:
+                dist.broadcast_buffers(graph.models)
             with self._autocast(device):
                 out = graph.step(x, y)
             optimizer.zero_grad(set_to_none=True)
@@ -198,6 +215,9 @@ class Trainer:
             sums[-2] += (out["clean_logits"].argmax(1) == y).sum()
             sums[-1] += (out["adv_logits"].argmax(1) == y).sum()
             seen += b
+        if distributed:
+            sums = dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([seen])]))
+            sums, seen = sums[:-1], int(sums[-1].item())
         values = (sums / max(seen, 1)).tolist()  # the epoch's one host sync
         train_time = time.perf_counter() - t0
         metrics = {"train/loss": values[0]}

@@ -3,6 +3,7 @@
     python -m pipeline.train --gin d2r_cag_cifar10,smoke --overrides "ALPHA = 10; EPOCHS = 2"
     mlflow run . -e train -P gin=d2r_cag_cifar10,smoke --env-manager local
     mlflow run . -e train -P gin=... --run-id <run_id> --env-manager local    # resume a killed run
+    mlflow run . -e train -P gin=d2r_cag_cifar10 -P nproc=4 --env-manager local  # 4 GPUs, via torchrun
 
 Everything is built and checked (config, models, attack radii, data on disk) before a run is opened,
 so bad input fails in seconds with a message. Each epoch writes a checkpoint; SIGTERM stops at the next
@@ -24,6 +25,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import torch
 
+from components import distributed as dist
 from pipeline.config import (
     ConfigError,
     LoadedConfig,
@@ -72,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overrides", default="", help="';'-separated gin bindings, e.g. 'ALPHA = 10; EPOCHS = 2'"
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="processes (GPUs) for data-parallel training; >1 starts torchrun"
+    )
     parser.add_argument("--run-id", default=None, help="continue this MLflow run from its last checkpoint")
     parser.add_argument(
         "--output-dir", default=os.environ.get("ROBUSTFLOW_OUTPUT", "outputs"), help="local checkpoints"
@@ -115,17 +120,54 @@ def main(argv: list[str] | None = None) -> int:
     from components.training import TrainingInterruptedError
 
     args = parse_args(argv)
+    rank, world, _ = dist.env_world()
+    if args.nproc > 1 and world == 1:
+        return _launch(args.nproc, sys.argv[1:] if argv is None else argv)
     try:
-        loaded, exp = build(args.gin, args.overrides, args.device)
+        device = dist.init_from_env(args.device) if world > 1 else args.device
+        loaded, exp = build(args.gin, args.overrides, device)
     except (ConfigError, DataNotFoundError, ValueError, TypeError) as err:
         print(f"robustflow train: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    configure_tracking()
     stop = _StopFlag()
     stop.install()
+    if rank != 0:
+        return _follow(exp, args.output_dir, stop)
+    configure_tracking()
     try:
         train_experiment(
             loaded, exp, gin_spec=args.gin, run_id=args.run_id, output_dir=args.output_dir, stop=stop
+        )
+    except TrainingInterruptedError:
+        return EXIT_TERMINATED
+    return 0
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Re-run this entry point under torchrun with ``nproc`` processes on this machine."""
+    import subprocess
+
+    # Drop --nproc: the workers run as ranks of one job, and torchrun would take it for its own flag.
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.call([*cmd, "-m", "pipeline.train", *rest])
+
+
+def _follow(exp: Experiment, output_dir: str, stop: Callable[[], bool]) -> int:
+    """A rank > 0 under torchrun: train in step with rank 0, which alone talks to MLflow."""
+    from components.training import TrainingInterruptedError
+
+    run_id, resume_from = dist.broadcast_object(None)
+    try:
+        exp.trainer.fit(
+            exp.graph, exp.data, exp.data.device, Path(output_dir) / run_id, resume_from, should_stop=stop
         )
     except TrainingInterruptedError:
         return EXIT_TERMINATED
@@ -159,6 +201,8 @@ def train_experiment(
         run_id = run.info.run_id
         ckpt_dir = Path(output_dir) / run_id
         resume_from = fetch_resume_checkpoint(run_id, ckpt_dir) if run_was_started(run_id) else None
+        if dist.is_distributed():
+            dist.broadcast_object((run_id, resume_from))  # the other ranks wait for this in _follow
         if resume_from is not None:
             print(f"robustflow: resuming run {run_id} from {resume_from}", file=sys.stderr)
         else:
