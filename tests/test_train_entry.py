@@ -214,3 +214,19 @@ def test_missing_data_message_says_where_to_put_it(tmp_path, monkeypatch, capsys
     assert main(["--gin", "d2r_cag_cifar10,smoke"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert str(tmp_path / "nowhere") in err and "cifar10" in err
+
+
+def test_mlflow_run_entry_point_starts_a_fresh_run(shared_data, tmp_path):
+    """`mlflow run` logs its own parameters before our code starts: that must not look like a resume."""
+    env = _env(tmp_path, shared_data)
+    out = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
+         "-P", "gin=d2r_cag_cifar10,smoke", "-P", f"overrides=EPOCHS = 1; {TINY}", "-P", "device=cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming" not in out.stderr
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.data.params["gin"] == "d2r_cag_cifar10,smoke"  # mlflow run's own parameter
+    assert run.data.params["ALPHA"] == "30.0" and run.data.tags["robustflow.experiment"] == "d2r_cag_cifar10"
