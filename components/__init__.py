@@ -5,8 +5,11 @@ Importing this package registers every configurable with gin. Nothing here impor
 
 from components import (  # noqa: F401  (imported for gin registration)
     attacks,
+    autoattack_eval,
     backbones,
     data,
+    eval_checks,
+    eval_suite,
     evaluation,
     experiment,
     graph,

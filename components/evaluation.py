@@ -2,11 +2,17 @@
 
 PGD-k with a uniform random start, step 2/255, CE (or the CW margin) loss, and per-example early stop:
 each step moves only the examples the model still classifies correctly. The model must be in eval mode.
+
+The attack classes :class:`PGD` and :class:`CW` wrap that loop in the fra31/auto-attack style (parameters in
+the constructor, ``attack(model, x, y) -> x_adv``) so that the evaluation suite (``components.eval_suite``)
+can run them, and AutoAttack (``components.autoattack_eval``), side by side at several radii.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 import gin
 import torch
@@ -55,6 +61,9 @@ def pgd_eval_attack(
             stepped = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
             stepped = (x + stepped).clamp(0, 1) - x
             delta = torch.where(active[:, None, None, None], stepped, delta.detach())
+            # METHODS 1.5: the loop breaks once every example is fooled (same result, fewer forwards).
+            if early_stop and not active.any():
+                break
         if restarts == 1:
             return (x + delta).detach()
         with torch.no_grad():
@@ -93,3 +102,106 @@ def robust_accuracy(
         raise ValueError("robust_accuracy: the loader yielded no examples")
     clean, adv = (correct.double() / count).tolist()
     return {"clean_acc": clean, f"pgd{attack_steps}_acc": adv}
+
+
+# ------------------------------------------------------------------------------------- attack classes
+
+
+@runtime_checkable
+class EvalAttack(Protocol):
+    """What the evaluation suite runs: an L-inf attack of radius ``eps`` (pixel space, inputs in [0, 1]).
+
+    ``attack(model, x, y)`` returns ``x_adv`` of the shape of ``x``; the suite scores it itself. ``with_eps``
+    returns a copy at another radius, so one attack definition serves every point of an accuracy-vs-eps
+    curve. Optional attributes the suite and its checks read when present: ``white_box`` (bool), ``steps``
+    and ``family`` (attacks that differ only in steps), ``last_stages`` and ``flags`` (AutoAttack).
+    """
+
+    eps: float
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor: ...
+
+    def with_eps(self, eps: float, scale_step: bool = False) -> EvalAttack: ...
+
+
+@gin.configurable
+class PGD:
+    """PGD-``steps`` for evaluation (METHODS 1.5): uniform random start, signed steps of ``step_size``,
+    per-example early stop, ``restarts`` random restarts (an example counts as fooled if any restart
+    fools it), loss ``'ce'`` or ``'cw'`` (the CW margin). A thin wrapper around :func:`pgd_eval_attack`.
+    """
+
+    white_box = True
+
+    def __init__(
+        self,
+        eps: float = EPS_8_255,
+        steps: int = 20,
+        step_size: float = STEP_2_255,
+        restarts: int = 1,
+        loss: str = "ce",
+    ) -> None:
+        name = type(self).__name__
+        check_eps(eps, step_size, name)
+        if loss not in ("ce", "cw"):
+            raise ValueError(f"{name}: loss={loss!r}; expected 'ce' or 'cw'")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{name}: steps={steps!r} must be a positive int")
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"{name}: restarts={restarts!r} must be a positive int")
+        self.eps, self.steps, self.step_size, self.restarts, self.loss = eps, steps, step_size, restarts, loss
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Adversarial examples for one batch; ``model`` must already be in eval mode."""
+        return pgd_eval_attack(
+            model,
+            x,
+            y,
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=self.steps,
+            loss=self.loss,
+            restarts=self.restarts,
+            early_stop=True,
+        )
+
+    def with_eps(self, eps: float, scale_step: bool = False) -> PGD:
+        """A copy at radius ``eps``; ``scale_step`` keeps the step a fixed fraction of eps (for curves)."""
+        step = self.step_size * eps / self.eps if scale_step else self.step_size
+        check_eps(eps, step, type(self).__name__)
+        other = copy.copy(self)
+        other.eps, other.step_size = eps, step
+        return other
+
+    @property
+    def name(self) -> str:
+        """Human-readable name such as ``PGD-20`` or ``CW-20 x5``."""
+        kind = "CW" if self.loss == "cw" else "PGD"
+        return f"{kind}-{self.steps}" + (f" x{self.restarts}" if self.restarts > 1 else "")
+
+    @property
+    def family(self) -> tuple[object, ...]:
+        """Attacks with equal ``family`` differ only in steps: more steps must never raise accuracy."""
+        return ("pgd", self.loss, self.eps, self.step_size, self.restarts)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(eps={self.eps:.6g}, steps={self.steps}, step_size={self.step_size:.6g}, "
+            f"restarts={self.restarts}, loss={self.loss!r})"
+        )
+
+
+@gin.configurable
+class CW(PGD):
+    """CW-inf as in the D2R/PGK evaluation code: :class:`PGD` on the CW margin ``-(z_y - max_{j!=y} z_j)``."""
+
+    def __init__(
+        self, eps: float = EPS_8_255, steps: int = 20, step_size: float = STEP_2_255, restarts: int = 1
+    ) -> None:
+        super().__init__(eps, steps=steps, step_size=step_size, restarts=restarts, loss="cw")
+
+    def __repr__(self) -> str:
+        return (
+            f"CW(eps={self.eps:.6g}, steps={self.steps}, step_size={self.step_size:.6g}, "
+            f"restarts={self.restarts})"
+        )

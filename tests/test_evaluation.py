@@ -1,4 +1,5 @@
-"""Evaluation (METHODS.md 1.5): PGD-k with a uniform start, step 2/255, per-example early stop; CW margin.
+"""Evaluation (METHODS.md 1.5): PGD-k with a uniform start, step 2/255, per-example early stop; CW margin;
+the attack classes (PGD, CW, AutoAttack) the evaluation suite runs.
 
 The closed-form case is a binary linear model with logits ``[0, w.x + b]``: the logit difference is linear
 in x, so the worst L-inf perturbation against class 1 is ``-eps * sign(w)`` (and ``+eps * sign(w)`` against
@@ -11,7 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from components.evaluation import EPS_8_255, STEP_2_255, cw_margin_loss, pgd_eval_attack, robust_accuracy
+from components.autoattack_eval import AutoAttack
+from components.evaluation import (
+    CW,
+    EPS_8_255,
+    PGD,
+    STEP_2_255,
+    EvalAttack,
+    cw_margin_loss,
+    pgd_eval_attack,
+    robust_accuracy,
+)
 
 SHAPE = (3, 8, 8)
 DIM = 3 * 8 * 8
@@ -302,3 +313,148 @@ def test_robust_accuracy_on_an_empty_loader_raises_and_restores_the_mode():
     with pytest.raises(ValueError, match="yielded no examples"):
         robust_accuracy(model, [], attack_steps=1)
     assert model.training
+
+
+# ------------------------------------------------------------------------------------- attack classes
+
+
+def synthetic(n: int, seed: int):
+    """Ten classes, each a fixed random image (pixels in [0.415, 0.585]) plus N(0, 0.05) noise, in [0, 1]."""
+    protos = 0.415 + 0.17 * torch.rand(10, *SHAPE, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return (protos[y] + 0.05 * torch.randn(n, *SHAPE, generator=g)).clamp(0, 1), y
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """A small MLP trained for about a second: ~100% clean, partly robust at 8/255 (PGD-20 ~40%)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(DIM, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = synthetic(2000, seed=1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        idx = torch.randint(0, 2000, (128,))
+        loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.zero_grad(set_to_none=True)
+    return net.eval()
+
+
+@pytest.mark.parametrize("cls", [PGD, CW])
+def test_attack_class_reaches_the_closed_form_worst_case_on_a_linear_model(cls):
+    w, x = weights(), mid_box(4)
+    eps = EPS_8_255
+    b = eps * w.abs().sum().item() + 0.5 - margin(w, 0.0, x).min().item()
+    model, y = binary_linear(w, b), torch.ones(4, dtype=torch.long)
+    torch.manual_seed(0)
+    x_adv = cls(eps, steps=10)(model, x, y)
+    torch.testing.assert_close(x_adv, x - eps * w.sign().view(SHAPE), rtol=0, atol=1e-6)
+    # And against class 0 the worst case is the opposite corner, +eps * sign(w).
+    torch.manual_seed(0)
+    x_adv = cls(eps, steps=10)(binary_linear(-w, -b), x, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(x_adv, x - eps * w.sign().view(SHAPE), rtol=0, atol=1e-6)
+
+
+def test_attack_classes_are_the_eval_loop_with_their_parameters():
+    model = conv_bn_net().eval()
+    x, y, _ = labelled_batches(model, n_batches=1)[0]
+    for attack, kwargs in [
+        (PGD(16 / 255, steps=3, step_size=1 / 255, restarts=2), dict(loss="ce")),
+        (CW(16 / 255, steps=3, step_size=1 / 255, restarts=2), dict(loss="cw")),
+    ]:
+        torch.manual_seed(0)
+        got = attack(model, x, y)
+        torch.manual_seed(0)
+        want = pgd_eval_attack(model, x, y, eps=16 / 255, step_size=1 / 255, steps=3, restarts=2, **kwargs)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert isinstance(attack, EvalAttack)
+
+
+def test_attack_names_families_and_with_eps():
+    pgd = PGD(EPS_8_255, steps=50)
+    assert pgd.name == "PGD-50" and CW(EPS_8_255).name == "CW-20" and PGD(0.1, restarts=5).name == "PGD-20 x5"
+    assert pgd.family == PGD(EPS_8_255, steps=10).family != CW(EPS_8_255, steps=10).family
+    assert "steps=50" in repr(pgd) and repr(CW(EPS_8_255)).startswith("CW(")
+    at4 = pgd.with_eps(4 / 255)
+    assert (at4.eps, at4.step_size, at4.steps) == (4 / 255, STEP_2_255, 50) and pgd.eps == EPS_8_255
+    scaled = pgd.with_eps(16 / 255, scale_step=True)
+    assert scaled.step_size == pytest.approx(4 / 255) and isinstance(scaled, PGD)
+    assert isinstance(CW(EPS_8_255).with_eps(0.031), CW)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(eps=8), r"out of range \(0, 1\]"),
+        (dict(eps=EPS_8_255, steps=0), "steps=0"),
+        (dict(eps=EPS_8_255, restarts=0), "restarts=0"),
+        (dict(eps=EPS_8_255, loss="dlr"), "loss='dlr'"),
+    ],
+)
+def test_attack_classes_reject_bad_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PGD(**kwargs)
+
+
+# ------------------------------------------------------------------------------------- AutoAttack
+
+
+def _aa_invariants(model, x, y, x_adv, eps):
+    assert x_adv.shape == x.shape and torch.isfinite(x_adv).all()
+    assert (x_adv - x).abs().max().item() <= eps + 1e-6
+    assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+        adv = (model(x_adv).argmax(1) == y).float().mean().item()
+    assert adv <= clean
+    return clean, adv
+
+
+def test_autoattack_dev_on_a_tiny_model(mlp):
+    x, y = synthetic(24, seed=2)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    aa = AutoAttack(EPS_8_255, version="dev", batch_size=16)
+    x_adv = aa(mlp, x, y)
+    clean, adv = _aa_invariants(mlp, x, y, x_adv, EPS_8_255)
+    assert adv < clean, "APGD fools part of this model at 8/255"
+    assert list(aa.last_stages) == ["apgd-ce", "apgd-t"] and aa.flags == []
+    # Cumulative per-stage robustness: never regains an example; the last stage is the attack's result.
+    ce, t = aa.last_stages["apgd-ce"], aa.last_stages["apgd-t"]
+    assert (ce | ~t).all()
+    with torch.no_grad():
+        assert torch.equal(t, mlp(x_adv).argmax(1) == y)
+    # The model is left as it was: eval mode, trainable, no gradients; the caller's RNG is untouched.
+    assert not mlp.training and all(p.requires_grad and p.grad is None for p in mlp.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_autoattack_standard_with_few_examples(mlp):
+    x, y = synthetic(8, seed=3)
+    aa = AutoAttack(EPS_8_255, version="standard")
+    x_adv = aa(mlp, x, y)
+    _aa_invariants(mlp, x, y, x_adv, EPS_8_255)
+    assert list(aa.last_stages) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert aa.stages == ("apgd-ce", "apgd-t", "fab-t", "square") and "standard" in aa.name
+
+
+def test_autoattack_is_reproducible_and_moves_to_other_radii(mlp):
+    x, y = synthetic(8, seed=4)
+    aa = AutoAttack(EPS_8_255, version="dev")
+    torch.testing.assert_close(aa(mlp, x, y), aa(mlp, x, y), rtol=0, atol=0)
+    big = aa.with_eps(16 / 255)
+    assert big.eps == 16 / 255 and aa.eps == EPS_8_255 and big.version == "dev"
+    _, adv16 = _aa_invariants(mlp, x, y, big(mlp, x, y), 16 / 255)
+    assert adv16 == 0.0
+
+
+def test_autoattack_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="version='plus'"):
+        AutoAttack(EPS_8_255, version="plus")
+    with pytest.raises(ValueError, match=r"out of range \(0, 1\]"):
+        AutoAttack(8)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        AutoAttack(EPS_8_255, batch_size=0)

@@ -1,0 +1,170 @@
+"""The ``evaluate`` entry point: attack a registered model and log numbers people can trust.
+
+    python -m pipeline.evaluate --model-uri models:/d2r_cag_cifar10@champion --suite paper
+    mlflow run . -e evaluate -P model_uri=models:/d2r_cag_cifar10@champion -P suite=quick --env-manager local
+
+Model URIs: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run_id>/model``. The model
+is rebuilt from its training run (gin config + weights-only checkpoint) and evaluated on the test split
+of the dataset it was trained on. The evaluation is its own MLflow run in the training run's experiment,
+tagged with the training run's id; it logs ``test/*`` metrics for each eps, the checks' flags, a
+RobustBench-style JSON, a markdown table and a plot of accuracy against eps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from fractions import Fraction
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.registry import load_model, run_of  # noqa: E402
+from pipeline.tracking import configure_tracking  # noqa: E402
+from pipeline.train import EXIT_USAGE, resolve_device  # noqa: E402
+
+EVALUATES_TAG = "robustflow.evaluates_run"
+
+
+def parse_eps(text: str) -> list[float]:
+    """``'8/255'``, ``'0.031'`` or a comma-separated list of them, each checked to lie in (0, 1]."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(Fraction(part)) if "/" in part else float(part)
+        except (ValueError, ZeroDivisionError) as err:
+            raise ConfigError(f"bad eps {part!r}: write 8/255 or 0.031") from err
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"eps {part} = {value:g} is out of range (0, 1] (pixel space: 8/255 = 0.0314)")
+        out.append(value)
+    if not out:
+        raise ConfigError("no eps given")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model-uri", required=True, help="models:/<name>@champion, models:/<name>/<v>, runs:/<id>/model"
+    )
+    parser.add_argument("--suite", default="quick", choices=("quick", "paper", "full"))
+    parser.add_argument("--eps", default="8/255", help="radii, e.g. '8/255' or '8/255,0.031' (pixel space)")
+    parser.add_argument("--n", default="all", help="evaluate the first N test images ('all' for every one)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", default=None, help="data root (default: $ROBUSTFLOW_DATA, else ./data)")
+    parser.add_argument("--no-curve", action="store_true", help="skip the PGD-20 accuracy-vs-eps curve")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def accuracy_vs_eps_figure(report) -> plt.Figure:  # noqa: ANN001  (an EvalReport)
+    """Accuracy against eps (in units of 1/255) for clean, each attack and the worst case."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in report.accuracy_vs_eps().items():
+        if len(points) > 1 or name == "clean":
+            xs, ys = zip(*points)
+            ax.plot([x * 255 for x in xs], ys, marker="o", label=name)
+    ax.set_xlabel("eps (x 1/255)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(f"{report.suite or 'evaluation'} on {report.n_examples} test images")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the entry point; returns the process exit code."""
+    from components.data import DataModule, DataNotFoundError
+    from components.eval_suite import CURVE_EPS, get_suite
+
+    args = parse_args(argv)
+    configure_tracking()
+    try:
+        eps_list = parse_eps(args.eps)
+        n = None if str(args.n).lower() == "all" else int(args.n)
+        if n is not None and n < 1:
+            raise ConfigError(f"--n must be >= 1 or 'all', got {args.n}")
+        device = resolve_device(args.device)
+        train_run_id = run_of(args.model_uri)
+        train_run = mlflow.get_run(train_run_id)
+        dataset = train_run.data.params.get("data.dataset")
+        if dataset is None:
+            raise ConfigError(
+                f"run {train_run_id} was not made by robustflow's train entry point (no data.dataset)"
+            )
+        data = DataModule(
+            dataset=dataset,
+            data_dir=args.data_dir,
+            val_size=0,
+            test_size=n,
+            eval_batch_size=args.batch_size,
+            device=str(device),
+        )
+        data.check()
+        model = load_model(args.model_uri, device)
+    except (ConfigError, DataNotFoundError, ValueError, MlflowException) as err:
+        print(f"robustflow evaluate: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+    suite = get_suite(args.suite, eps=eps_list[0], with_0031=False)
+    suite.eps_list = tuple(eps_list)
+    if not args.no_curve and "pgd20" in suite.attacks and not suite.curve_eps:
+        suite.curve_eps, suite.curve_attacks = CURVE_EPS, ("pgd20",)
+    report = suite.run(model, data.test_loader(), progress=True, seed=args.seed)
+
+    with mlflow.start_run(experiment_id=train_run.info.experiment_id, run_name=f"evaluate-{args.suite}"):
+        mlflow.set_tags(
+            {
+                EVALUATES_TAG: train_run_id,
+                "robustflow.model_uri": args.model_uri,
+                "robustflow.suite": args.suite,
+            }
+        )
+        mlflow.log_params(
+            {
+                "model_uri": args.model_uri,
+                "suite": args.suite,
+                "eps": args.eps,
+                "n": report.n_examples,
+                "seed": args.seed,
+            }
+        )
+        metrics = report.to_metrics(prefix="test/", primary_eps=eps_list[0])
+        mlflow.log_metrics(metrics)
+        mlflow.log_text(
+            "\n".join(report.flags) + ("\n" if report.flags else "no flags\n"), "evaluation/flags.txt"
+        )
+        mlflow.log_text(
+            json.dumps(report.to_robustbench_json(model_uri=args.model_uri), indent=2),
+            "evaluation/robustbench.json",
+        )
+        mlflow.log_text(json.dumps(report.to_dict(), indent=2), "evaluation/report.json")
+        table = report.to_markdown()
+        mlflow.log_text(table, "evaluation/results.md")
+        figure = accuracy_vs_eps_figure(report)
+        mlflow.log_figure(figure, "evaluation/accuracy_vs_eps.png")
+        plt.close(figure)
+    print(table)
+    for flag in report.flags:
+        print(f"FLAG: {flag}", file=sys.stderr)
+    print(
+        f"robustflow: evaluated {args.model_uri} on {report.n_examples} images in {report.seconds:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

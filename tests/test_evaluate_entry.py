@@ -1,0 +1,68 @@
+"""The evaluate entry point end to end on a model trained by the smoke job, through a real MLflow store."""
+
+import json
+
+import mlflow
+import pytest
+
+from pipeline.evaluate import EVALUATES_TAG, parse_eps
+from pipeline.evaluate import main as evaluate
+from pipeline.train import EXIT_USAGE
+from pipeline.train import main as train
+
+TINY = (
+    "EPOCHS = 1; DataModule.train_size = 256; DataModule.val_size = 64; DataModule.test_size = 64; "
+    "BATCH_SIZE = 64; Trainer.progress = False"
+)
+
+
+def test_evaluate_the_smoke_champion(shared_data, mlflow_store):
+    assert train(["--gin", "d2r_cag_cifar10,smoke", "--overrides", TINY]) == 0
+    (train_run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    code = evaluate(
+        [
+            "--model-uri",
+            "models:/d2r_cag_cifar10@champion",
+            "--suite",
+            "quick",
+            "--n",
+            "32",
+            "--eps",
+            "8/255,0.031",
+        ]
+    )
+    assert code == 0
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`{EVALUATES_TAG}` = '{train_run.info.run_id}'",
+        output_format="list",
+    )
+    assert len(runs) == 1
+    run = runs[0]
+    m = run.data.metrics
+    for key in (
+        "test/clean_acc",
+        "test/pgd20_acc",
+        "test/cw20_acc",
+        "test/worst_acc",
+        "test/pgd20_acc_eps0.031",
+    ):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["test/worst_acc"] <= min(m["test/pgd20_acc"], m["test/cw20_acc"]) <= m["test/clean_acc"]
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert files >= {
+        "evaluation/flags.txt",
+        "evaluation/robustbench.json",
+        "evaluation/results.md",
+        "evaluation/accuracy_vs_eps.png",
+    }
+    bench = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/robustbench.json"))
+    assert bench  # RobustBench-style model info
+
+
+def test_evaluate_rejects_bad_input_before_work(mlflow_store, capsys):
+    assert evaluate(["--model-uri", "models:/nothing@champion"]) == EXIT_USAGE
+    assert "error" in capsys.readouterr().err
+    with pytest.raises(Exception, match="out of range"):
+        parse_eps("8")
+    assert parse_eps("8/255, 0.031") == pytest.approx([8 / 255, 0.031])
