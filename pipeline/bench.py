@@ -1,9 +1,12 @@
 """The ``bench`` entry point: how fast each method trains and evaluates, what it costs in FLOPs, and how
 much faster D2R-CAG runs here than the authors' loop on the same machine.
 
-    python -m pipeline.bench                      # tiny CPU defaults: small_cnn, batch 32, 3 steps
+    python -m pipeline.bench --threads 1         # tiny CPU defaults: small_cnn, batch 32, 3 steps
     python -m pipeline.bench --target wrn34_10 --guide resnet18_lbgat --batch-size 128 --steps 20 \\
-        --warmup 5 --autoattack --compare-fast-path --out bench_out --mlflow          # a GPU box
+        --warmup 5 --eval-images 1024 --eval-batch-size 256 --autoattack --aa-images 256 \\
+        --compare-fast-path --out bench_gpu --mlflow                                    # H100 / H200
+
+See docs/benchmarks.md for what each number means and the numbers measured so far.
 
 Per method (built from its gin config, with the backbones and batch size overridden) it times
 ``TrainingGraph.step`` + backward + optimizer step exactly as ``Trainer`` runs them (bf16 autocast and
@@ -30,9 +33,10 @@ FLOPs per training image, counted in forward-pass equivalents of each backbone (
 So D2R-CAG with S attack steps costs ``(2S + 6) F_t + 4 F_g`` (target: S + 2 forwards, S input-only
 backwards, 2 full backwards; guide: the soft label and the ``guide(x)`` view, 1 full backward), and the
 authors' loop, which recomputes the guide at every attack step, ``(2S + 6) F_t + (S + 3) F_g``.
-Achieved TFLOP/s = FLOPs/image x images/s; the fraction of peak divides
-by ``--peak-tflops`` (default on CUDA: 790, the measured bf16 dense matrix rate of H100/H200 named in the
-"Speed and scale" issue; on CPU no fraction unless given).
+
+Achieved TFLOP/s = FLOPs/image x images/s. The fraction of peak divides it by ``--peak-tflops``: by
+default 790 on CUDA, the measured bf16 dense matrix rate of H100/H200 named in the "Speed and scale"
+issue; on CPU no fraction unless given.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from benchmarks.reference_d2r import peak_memory_mib, reference_flop_counts, run_reference
 from pipeline.config import ConfigError, load_config, macro
 
 DEFAULT_METHODS = ("d2r_cag_cifar10", "lbgat_cifar10", "trades_cifar10", "pgd_at_cifar10", "regmix_cifar10")
@@ -76,6 +81,7 @@ COLUMNS = (
     ("batch", "batch"),
     ("train_images_per_s", "train img/s"),
     ("step_ms", "ms/step"),
+    ("median_step_ms", "median ms/step"),
     ("gflop_per_image", "GFLOP/img"),
     ("achieved_tflops", "TFLOP/s"),
     ("peak_fraction", "% of peak"),
@@ -110,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per method")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before (cover compile, cudnn)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="time every method this often, interleaved; report medians"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     _add_switch(parser, "amp", "auto", ("auto", "on", "off"), "bf16 autocast (Trainer.amp); auto = on CUDA")
     _add_switch(
@@ -126,8 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "train the same steps with the fast path on and off",
     )
     parser.add_argument("--overrides", default="", help="extra ';'-separated gin bindings for every method")
-    parser.add_argument("--eval-batch-size", type=int, default=256, help="PGD-20 / AutoAttack batch size")
-    parser.add_argument("--eval-images", type=int, default=256, help="images attacked by PGD-20")
+    parser.add_argument("--eval-batch-size", type=int, default=64, help="PGD-20 / AutoAttack batch size")
+    parser.add_argument("--eval-images", type=int, default=64, help="images attacked by PGD-20")
     parser.add_argument("--aa-images", type=int, default=16, help="images attacked by AutoAttack")
     parser.add_argument(
         "--eval-checkpoint",
@@ -144,6 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", default=None, help="data root (default: $ROBUSTFLOW_DATA, ./data)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 on a shared CPU)"
+    )
     parser.add_argument("--out", default=None, help="folder for bench.md and bench.json")
     parser.add_argument(
         "--mlflow", action="store_true", help="log bench.md, bench.json and metrics to MLflow"
@@ -152,8 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.methods:
         parser.error("--methods is empty")
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
-        parser.error("need --steps >= 1, --warmup >= 0, --batch-size >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.repeats < 1:
+        parser.error("need --steps >= 1, --warmup >= 0, --batch-size >= 1, --repeats >= 1")
     if args.eval_images < 1 or args.eval_batch_size < 1 or args.aa_images < 1:
         parser.error("need --eval-images, --eval-batch-size and --aa-images >= 1")
     return args
@@ -341,8 +353,38 @@ def prepare_fast_path(exp: Any, device: torch.device) -> tuple[torch.optim.Optim
     return trainer.optimizer_fn(graph.models), _resolve(trainer.amp, device)
 
 
+class StepTimer:
+    """Per-step times without host syncs: CUDA events on a GPU, ``perf_counter`` on CPU (synchronous there).
+
+    ``mark()`` before the first step and after each one; ``durations_ms()`` reads them all at the end. The
+    median of these resists a shared machine's bursts better than the total does.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [1000 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
+
+
 def train_steps(
-    graph: Any, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor, Tensor]], amp: bool
+    graph: Any,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+    amp: bool,
+    timer: StepTimer | None = None,
 ) -> list[Tensor]:
     """``Trainer``'s inner loop: step under autocast, zero_grad, backward, optimizer step, stats on device.
 
@@ -350,6 +392,8 @@ def train_steps(
     (the caller reads them once, as the Trainer does once per epoch).
     """
     rows = []
+    if timer is not None:
+        timer.mark()
     term_names = list(graph.loss.terms)
     for x, y, _ in batches:
         device = x.device
@@ -368,6 +412,8 @@ def train_steps(
                 ]
             )
         )
+        if timer is not None:
+            timer.mark()
     return rows
 
 
@@ -401,15 +447,17 @@ def bench_training(
         torch.stack(train_steps(graph, optimizer, (next(batches) for _ in range(warmup)), amp)).tolist()
     _sync(device)
     t1 = time.perf_counter()
-    rows = train_steps(graph, optimizer, (next(batches) for _ in range(steps)), amp)
+    timer = StepTimer(device)
+    rows = train_steps(graph, optimizer, (next(batches) for _ in range(steps)), amp, timer)
     values = torch.stack(rows).mean(0).tolist()  # the one host read, as the Trainer's per-epoch sync
     _sync(device)
     elapsed = time.perf_counter() - t1
-    from benchmarks.reference_d2r import peak_memory_mib
-
+    step_ms = timer.durations_ms()
     return {
         "train_images_per_s": steps * batch_size / elapsed,
         "step_ms": 1000 * elapsed / steps,
+        "median_step_ms": float(np.median(step_ms)),
+        "step_ms_each": step_ms,
         "warmup_s": t1 - t0,
         "peak_mem_mib": peak_memory_mib(device),
         "amp": amp,
@@ -453,26 +501,30 @@ def bench_pgd_eval(
     return {"pgd20_images_per_s": len(labels) / elapsed, "pgd20_eval": acc}
 
 
-def _autoattack_runner() -> tuple[str, Callable[..., Tensor]]:
-    """AutoAttack through robustflow's wrapper when it exists, else pyautoattack directly.
-
-    The wrapper is used if ``components.autoattack_eval`` defines ``run_autoattack(model, x, y, *, eps,
-    version, batch_size) -> x_adv``.
-    """
+def _autoattack_runner() -> tuple[str, Callable[..., tuple[Tensor, list[str]]]]:
+    """AutoAttack through robustflow's wrapper (``components.autoattack_eval.AutoAttack``) when it exists,
+    else through ``pyautoattack`` directly. The runner returns x_adv and the attack's warnings."""
     if importlib.util.find_spec("components.autoattack_eval") is not None:
-        module = importlib.import_module("components.autoattack_eval")
-        runner = getattr(module, "run_autoattack", None)
-        if callable(runner):
-            return "components.autoattack_eval.run_autoattack", runner
+        from components.autoattack_eval import AutoAttack as RobustflowAutoAttack
 
-    def run(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, version: str, batch_size: int) -> Tensor:
+        def run_wrapper(
+            model: nn.Module, x: Tensor, y: Tensor, *, eps: float, version: str, batch_size: int
+        ) -> tuple[Tensor, list[str]]:
+            attack = RobustflowAutoAttack(eps=eps, version=version, batch_size=batch_size, seed=0)
+            return attack(model, x, y), list(attack.flags)
+
+        return "components.autoattack_eval.AutoAttack", run_wrapper
+
+    def run_direct(
+        model: nn.Module, x: Tensor, y: Tensor, *, eps: float, version: str, batch_size: int
+    ) -> tuple[Tensor, list[str]]:
         from pyautoattack import AutoAttack
 
         attack = AutoAttack(model, norm="Linf", eps=eps, version=version, device=x.device, seed=0)
         x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=batch_size)
-        return x_adv
+        return x_adv, []
 
-    return "pyautoattack.AutoAttack", run
+    return "pyautoattack.AutoAttack", run_direct
 
 
 def bench_autoattack(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int) -> dict[str, Any]:
@@ -489,7 +541,7 @@ def bench_autoattack(model: nn.Module, images: Tensor, labels: Tensor, batch_siz
     try:
         _sync(device)
         t0 = time.perf_counter()
-        x_adv = run(model, x, labels, eps=AA_EPS, version="standard", batch_size=batch_size)
+        x_adv, flags = run(model, x, labels, eps=AA_EPS, version="standard", batch_size=batch_size)
         _sync(device)
         elapsed = time.perf_counter() - t0
         with torch.no_grad():
@@ -504,13 +556,20 @@ def bench_autoattack(model: nn.Module, images: Tensor, labels: Tensor, batch_siz
         "aa_clean_acc": clean,
         "aa_robust_acc": robust,
         "aa_impl": impl,
+        "aa_flags": flags,
     }
 
 
 def bench_method(
-    name: str, args: argparse.Namespace, data: dict[str, Any], device: torch.device, peak_tflops: float | None
+    name: str,
+    args: argparse.Namespace,
+    data: dict[str, Any],
+    device: torch.device,
+    peak_tflops: float | None,
+    evaluate: bool = True,
 ) -> dict[str, Any]:
-    """One row of the table: build ``name``, count its FLOPs, time training, PGD-20 and AutoAttack."""
+    """One row of the table: build ``name``, count its FLOPs, time training, then (``evaluate``) PGD-20
+    and AutoAttack."""
     from components.backbones import count_forward_flops
 
     overrides, skipped = method_overrides(name, args)
@@ -532,26 +591,40 @@ def bench_method(
         "forward_gflop": {m: f / 1e9 for m, f in forward_flops.items()},
         "passes_per_image": counts,
         "gflop_per_image": flops / 1e9,
+        "speedup_vs_reference": None,
     }
     row.update(
         bench_training(exp, data["train"][0], data["train"][1], args.steps, args.warmup, device, args.seed)
     )
     row["achieved_tflops"] = flops * row["train_images_per_s"] / 1e12
     row["peak_fraction"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
-    target = graph.target
-    if args.eval_checkpoint:
-        row["eval_checkpoint_loaded"] = load_eval_checkpoint(target, args.eval_checkpoint)
-    row.update(
-        bench_pgd_eval(target, *data["eval"], args.eval_batch_size, row["amp"], warmup=args.warmup > 0)
-    )
     row["pgd20_gflop_per_image"] = forward_flops[graph.eval_model] * (2 + 2 * EVAL_PGD_STEPS) / 1e9
-    if args.autoattack == "on":
-        n = min(args.aa_images, len(data["eval"][1]))
-        row.update(bench_autoattack(target, data["eval"][0][:n], data["eval"][1][:n], args.eval_batch_size))
-    else:
-        row["aa_images_per_s"] = None
+    row["pgd20_images_per_s"] = row["aa_images_per_s"] = None
+    target = graph.target
+    if evaluate:
+        if args.eval_checkpoint:
+            row["eval_checkpoint_loaded"] = load_eval_checkpoint(target, args.eval_checkpoint)
+        row.update(
+            bench_pgd_eval(target, *data["eval"], args.eval_batch_size, row["amp"], warmup=args.warmup > 0)
+        )
+        if args.autoattack == "on":
+            row.update(bench_autoattack(target, *data["aa"], args.eval_batch_size))
     del exp, graph, target
     _free(device)
+    return row
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repeat with the median training throughput, keeping the first repeat's evaluation numbers.
+
+    Every repeat's images/s is kept in ``train_images_per_s_each``.
+    """
+    ordered = sorted(rows, key=lambda r: r["train_images_per_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    for key, value in rows[0].items():
+        if key.startswith(("pgd20", "aa_", "eval_")):
+            row[key] = value
+    row["train_images_per_s_each"] = [r["train_images_per_s"] for r in rows]
     return row
 
 
@@ -559,7 +632,6 @@ def bench_reference(
     args: argparse.Namespace, data: dict[str, Any], device: torch.device, peak_tflops: float | None
 ) -> dict[str, Any]:
     """The authors' D2R loop on the same images, backbones, batch size and attack as the D2R row."""
-    from benchmarks.reference_d2r import reference_flop_counts, run_reference
     from components.backbones import count_forward_flops
 
     overrides, _ = method_overrides(REFERENCE_METHOD, args, fast_path=False)
@@ -595,6 +667,8 @@ def bench_reference(
         "gflop_per_image": flops / 1e9,
         "train_images_per_s": result["images_per_s"],
         "step_ms": 1000 * result["step_s"],
+        "median_step_ms": float(np.median(result["step_ms_each"])),
+        "step_ms_each": result["step_ms_each"],
         "warmup_s": result["warmup_s"],
         "peak_mem_mib": result["peak_mem_mib"],
         "amp": False,
@@ -603,6 +677,7 @@ def bench_reference(
         "losses": {"loss": float(np.mean(result["losses"][args.warmup :])), **result["parts"]},
         "pgd20_images_per_s": None,
         "aa_images_per_s": None,
+        "speedup_vs_reference": None,
     }
     row["achieved_tflops"] = flops * row["train_images_per_s"] / 1e12
     row["peak_fraction"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
@@ -621,9 +696,13 @@ def compare_fast_path(
     """Train ``name`` for ``--steps`` steps twice, fast path as configured and plain fp32/contiguous.
 
     Same seed (same initial weights, attack noise), same batches and augmentations: the differences are
-    what bf16 autocast (and NHWC kernels) change. Reports per-term losses averaged over the steps and at the
-    last step, training accuracy, and clean/PGD-20 accuracy of the trained target on the eval images.
+    what bf16 autocast (and NHWC kernels) change. Reports each loss term at step 1, averaged over the steps
+    and at the last step, training accuracy, and clean/PGD-20 accuracy of the trained target on the eval
+    images.
     """
+    from components.data import DeviceLoader
+    from components.evaluation import robust_accuracy
+
     runs = {}
     for label, fast in (("fast", None), ("plain", False)):
         overrides, _ = method_overrides(name, args, fast_path=fast)
@@ -640,14 +719,13 @@ def compare_fast_path(
         values: dict[str, float] = {}
         for i, term in enumerate(terms):
             key = "train/loss" if term == "loss" else f"train/loss/{term}"
-            values[f"{key} (mean)"] = float(np.mean([r[i] for r in rows]))
+            # Step 1 starts from identical weights: its difference is bf16 alone; later steps compound it.
+            values[f"{key} (step 1)"] = rows[0][i]
+            values[f"{key} (mean over steps)"] = float(np.mean([r[i] for r in rows]))
             values[f"{key} (last step)"] = rows[-1][i]
         values["train/clean_acc"] = float(np.mean([r[-2] for r in rows]))
         values["train/adv_acc"] = float(np.mean([r[-1] for r in rows]))
-        torch.manual_seed(args.seed)
-        from components.data import DeviceLoader
-        from components.evaluation import robust_accuracy
-
+        torch.manual_seed(args.seed)  # PGD-20's uniform start
         with _autocast(amp, device):
             acc = robust_accuracy(
                 exp.graph.target,
@@ -715,8 +793,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- fast path: amp={meta['amp']}, channels_last={meta['channels_last']}, compile={meta['compile']}",
         f"- peak TFLOP/s for the fraction: {meta['peak_tflops'] if meta['peak_tflops'] else 'not given'}",
         f"- command: `{meta['command']}`",
-        f"- timed: {meta['steps']} steps after {meta['warmup']} warm-up steps; PGD-20 eval on "
-        f"{meta['eval_images']} images"
+        f"- timed: {meta['steps']} steps after {meta['warmup']} warm-up steps"
+        + (
+            f", {meta['repeats']} interleaved repeats (median shown; speed-up = median of per-repeat ratios)"
+            if meta["repeats"] > 1
+            else ""
+        )
+        + f"; PGD-20 eval on {meta['eval_images']} images"
         + (f"; AutoAttack standard on {meta['aa_images']} images" if meta["autoattack"] else ""),
         "",
         "| " + " | ".join(title for _, title in COLUMNS) + " |",
@@ -809,15 +892,27 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "train": _to_device_nchw(x_train, y_train, device),
         "train_nhwc": (x_train, y_train),
         "eval": _to_device_nchw(x_eval[: args.eval_images], y_eval[: args.eval_images], device),
+        "aa": _to_device_nchw(x_eval[: args.aa_images], y_eval[: args.aa_images], device),
     }
-    if args.autoattack == "on" and args.aa_images > args.eval_images:
-        data["eval"] = _to_device_nchw(x_eval, y_eval, device)
-    methods = [bench_method(name, args, data, device, peak) for name in args.methods]
-    reference = None
-    if args.reference == "on" and REFERENCE_METHOD in args.methods:
-        reference = bench_reference(args, data, device, peak)
+    # Repeats interleave the methods (and the reference right after D2R-CAG), so a burst of load on a
+    # shared machine hits one repeat of everything rather than all repeats of one method.
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.methods}
+    references: list[dict[str, Any]] = []
+    speedups: list[float] = []
+    for repeat in range(args.repeats):
+        for name in args.methods:
+            row = bench_method(name, args, data, device, peak, evaluate=repeat == 0)
+            runs[name].append(row)
+            if name == REFERENCE_METHOD and args.reference == "on":
+                references.append(bench_reference(args, data, device, peak))
+                speedups.append(row["train_images_per_s"] / references[-1]["train_images_per_s"])
+    methods = [median_row(rows) for rows in runs.values()]
+    reference = median_row(references) if references else None
+    if reference is not None:
         d2r = next(r for r in methods if r["method"] == REFERENCE_METHOD)
-        d2r["speedup_vs_reference"] = d2r["train_images_per_s"] / reference["train_images_per_s"]
+        # The median of ratios taken within a repeat: both sides of each ratio saw the same load.
+        d2r["speedup_vs_reference"] = float(np.median(speedups))
+        d2r["speedup_vs_reference_each"] = speedups
         reference["forward_gflop"] = d2r["forward_gflop"]
     compare = (
         [compare_fast_path(name, args, data, device) for name in args.methods]
@@ -838,6 +933,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "peak_tflops": peak,
         "steps": args.steps,
         "warmup": args.warmup,
+        "repeats": args.repeats,
         "eval_images": args.eval_images,
         "aa_images": args.aa_images,
         "autoattack": args.autoattack == "on",
@@ -851,6 +947,7 @@ def _mlflow_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     keys = (
         "train_images_per_s",
         "step_ms",
+        "median_step_ms",
         "gflop_per_image",
         "achieved_tflops",
         "peak_fraction",
@@ -898,11 +995,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     args.argv = argv
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         report = run_bench(args)
     except (ConfigError, DataNotFoundError) as err:
         print(f"robustflow bench: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (a test) keeps its own setting
     print(render_markdown(report))
     with contextlib.ExitStack() as stack:
         folder = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory()))

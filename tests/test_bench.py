@@ -1,0 +1,238 @@
+"""The benchmark command and the authors' reference loop it times robustflow against.
+
+Speed is measured by ``python -m pipeline.bench``, never asserted here: these tests check that the bench
+runs end to end and writes what it promises, that its FLOP accounting counts the forwards the training
+step really runs, and that the reference loop computes the same D2R-CAG step as robustflow.
+"""
+
+import copy
+import importlib.util
+import json
+import math
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.reference_d2r import (
+    cag_attack,
+    d2r_loss_terms,
+    reference_flop_counts,
+    run_reference,
+)
+from components.backbones import build_backbone
+from components.experiment import experiment
+from pipeline.bench import (
+    COLUMNS,
+    DEFAULT_METHODS,
+    flops_per_image,
+    graph_pass_counts,
+    main,
+    method_overrides,
+    parse_args,
+)
+from pipeline.config import load_config
+
+SMALL = ["TARGET_BACKBONE = 'small_cnn'", "GUIDE_BACKBONE = 'small_cnn'"]
+TINY_ARGS = [
+    "--target", "small_cnn", "--guide", "small_cnn", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+    "--eval-images", "8", "--eval-batch-size", "8", "--data", "synthetic", "--threads", "1",
+]  # fmt: skip
+
+
+def _build(name, extra=()):
+    bindings = [b for b in SMALL if name.startswith(("d2r", "lbgat")) or "GUIDE" not in b]
+    load_config(name, [*bindings, *extra])
+    return experiment()
+
+
+def _count_forwards(models):
+    """Forward calls per top-level model, recorded by pre-hooks (removed by the returned function)."""
+    calls = dict.fromkeys(models, 0)
+    handles = []
+    for name, model in models.items():
+
+        def hook(_module, _inputs, name=name):
+            calls[name] += 1
+
+        handles.append(model.register_forward_pre_hook(hook))
+    return calls, lambda: [h.remove() for h in handles]
+
+
+def test_bench_end_to_end_writes_json_markdown_and_mlflow_run(tmp_path, mlflow_store):
+    out = tmp_path / "out"
+    argv = [*TINY_ARGS, "--methods", "d2r_cag_cifar10,pgd_at_cifar10", "--overrides", "ATTACK_STEPS = 2"]
+    argv += ["--steps", "1", "--repeats", "2"]
+    assert main([*argv, "--out", str(out), "--mlflow"]) == 0
+
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["method"] for r in report["methods"]] == ["d2r_cag_cifar10", "pgd_at_cifar10"]
+    for row in [*report["methods"], report["reference"]]:
+        assert {key for key, _ in COLUMNS} <= set(row)
+        assert row["train_images_per_s"] > 0 and row["gflop_per_image"] > 0
+        assert row["peak_fraction"] is None  # CPU: no peak rate unless --peak-tflops is given
+        assert all(math.isfinite(v) for v in row["losses"].values())
+    d2r, pgd = report["methods"]
+    assert d2r["guide"] == "small_cnn" and pgd["guide"] is None
+    assert "GUIDE_BACKBONE = 'small_cnn'" in pgd["skipped_overrides"]
+    assert d2r["attack_steps"] == 2 and report["reference"]["attack_steps"] == 2
+    # Two interleaved repeats: the median row is reported, every repeat kept, the speed-up paired per repeat.
+    assert len(d2r["train_images_per_s_each"]) == len(report["reference"]["train_images_per_s_each"]) == 2
+    assert d2r["train_images_per_s"] in d2r["train_images_per_s_each"]
+    assert d2r["speedup_vs_reference"] == pytest.approx(np.median(d2r["speedup_vs_reference_each"]))
+    assert d2r["pgd20_images_per_s"] > 0 and d2r["aa_images_per_s"] is None
+    assert report["meta"]["amp"] is False and report["meta"]["data"] == "synthetic"
+
+    md = (out / "bench.md").read_text()
+    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
+    assert header in md
+    table = md.split(header, 1)[1].strip().splitlines()
+    assert [line.split("|")[1].strip() for line in table[1:4]] == [
+        "d2r_cag_cifar10",
+        "pgd_at_cifar10",
+        "d2r_cag_cifar10 (reference loop)",
+    ]
+    assert all(line.count("|") == len(COLUMNS) + 1 for line in table[1:4])
+
+    (run,) = mlflow.search_runs(experiment_names=["bench"], output_format="list")
+    assert run.data.metrics["d2r_cag_cifar10/train_images_per_s"] == pytest.approx(d2r["train_images_per_s"])
+    assert "reference_d2r/train_images_per_s" in run.data.metrics
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} == {
+        "bench.md",
+        "bench.json",
+    }
+
+
+def test_compare_fast_path_and_autoattack_run_on_cpu(tmp_path):
+    # On CPU the Trainer's 'auto' leaves the fast path off, so force bf16 to exercise the comparison.
+    out = tmp_path / "out"
+    argv = [*TINY_ARGS, "--methods", "regmix_cifar10", "--steps", "1", "--warmup", "0", "--no-reference"]
+    argv += ["--amp", "--compare-fast-path", "--autoattack", "--aa-images", "4"]
+    assert main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    (row,) = report["methods"]
+    assert row["aa_images"] == 4 and row["aa_images_per_s"] > 0
+    assert 0 <= row["aa_robust_acc"] <= row["aa_clean_acc"]
+    wrapper = importlib.util.find_spec("components.autoattack_eval") is not None
+    assert row["aa_impl"] == (
+        "components.autoattack_eval.AutoAttack" if wrapper else "pyautoattack.AutoAttack"
+    )
+    (cmp,) = report["compare_fast_path"]
+    assert cmp["fast"]["amp"] is True and cmp["plain"]["amp"] is False
+    rows = {r["quantity"]: r for r in cmp["rows"]}
+    for term in ("ce_adv", "amr_main", "amr_aux", "agr"):
+        assert f"train/loss/{term} (step 1)" in rows
+    assert {"eval/clean_acc", "eval/pgd20_acc", "train/adv_acc"} <= set(rows)
+    first = rows["train/loss (step 1)"]
+    # Same weights and batch at step 1: only bf16 separates them.
+    assert first["fast"] == pytest.approx(first["plain"], rel=0.05)
+    assert "## Fast path vs plain: regmix_cifar10" in (out / "bench.md").read_text()
+
+
+def test_switches_accept_bare_valued_and_negated_forms():
+    args = parse_args(["--no-amp", "--compile", "--autoattack", "off", "--channels-last", "on"])
+    assert (args.amp, args.compile, args.autoattack, args.channels_last) == ("off", "on", "off", "on")
+    assert parse_args([]).methods == list(DEFAULT_METHODS)
+
+
+def test_overrides_skip_macros_a_config_does_not_define():
+    args = parse_args(["--target", "small_cnn", "--guide", "small_cnn", "--overrides", "ATTACK_STEPS = 3"])
+    kept, skipped = method_overrides("regmix_cifar10", args)
+    assert "TARGET_BACKBONE = 'small_cnn'" in kept and "Trainer.amp = 'auto'" in kept
+    assert set(skipped) == {"GUIDE_BACKBONE = 'small_cnn'", "ATTACK_STEPS = 3"}
+    kept, _ = method_overrides("d2r_cag_cifar10", args, fast_path=False)
+    assert "Trainer.amp = False" in kept and "Trainer.channels_last = False" in kept
+
+
+@pytest.mark.parametrize("name", DEFAULT_METHODS)
+def test_flop_accounting_counts_the_forwards_the_step_runs(name):
+    exp = _build(name)
+    graph = exp.graph.train()
+    counts = graph_pass_counts(graph)
+    calls, remove = _count_forwards(graph.models)
+    out = graph.step(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    remove()
+    assert calls == {m: c["fwd"] for m, c in counts.items()}
+    # Every loss view gets one full backward, the attack one input-only backward per step.
+    assert sum(c["bwd_full"] for c in counts.values()) == len(graph.loss.views)
+    assert sum(c["bwd_input"] for c in counts.values()) == graph.generator.steps
+    out["loss"].backward()
+
+
+def test_d2r_flop_formula_and_the_reference_loops_extra_guide_forwards():
+    exp = _build("d2r_cag_cifar10")
+    s = exp.graph.generator.steps
+    counts = graph_pass_counts(exp.graph)
+    assert counts == {
+        "target": {"fwd": s + 2, "bwd_input": s, "bwd_full": 2},
+        "guide": {"fwd": 2, "bwd_input": 0, "bwd_full": 1},
+    }
+    assert flops_per_image(counts, {"target": 1, "guide": 1}) == (2 * s + 6) + 4
+    ref = reference_flop_counts(s)
+    assert flops_per_image(ref, {"target": 1, "guide": 1}) == (2 * s + 6) + (s + 3)
+
+    target, guide = exp.graph.models["target"], exp.graph.models["guide"]
+    calls, remove = _count_forwards({"target": target, "guide": guide})
+    x = torch.rand(4, 3, 32, 32)
+    x_adv = cag_attack(target, guide, x, perturb_steps=s)
+    d2r_loss_terms(target(x_adv), target(x), guide(x), torch.randint(0, 10, (4,)))
+    remove()
+    assert calls == {"target": ref["target"]["fwd"], "guide": ref["guide"]["fwd"]}
+
+
+def test_reference_loop_trains_and_logs_finite_losses():
+    torch.manual_seed(0)
+    target = build_backbone("small_cnn", num_classes=10)
+    guide = build_backbone("small_cnn", num_classes=10)
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
+    y = rng.randint(0, 10, size=16)
+    before = copy.deepcopy(target.state_dict())
+    result = run_reference(target, guide, x, y, steps=1, batch_size=8, device="cpu", attack_steps=2, warmup=1)
+    assert len(result["losses"]) == 2 and all(math.isfinite(v) for v in result["losses"])
+    assert set(result["parts"]) == {"ce_guide", "mse", "kl_gap", "kl_adv"}
+    assert result["images"] == 8 and result["images_per_s"] > 0
+    assert not torch.equal(before["fc.weight"], target.state_dict()["fc.weight"])
+    assert target.training and guide.training
+
+
+def test_reference_d2r_loss_equals_robustflows_weighted_loss():
+    loss = _build("d2r_cag_cifar10").graph.loss
+    gen = torch.Generator().manual_seed(0)
+    logits = {v: (3 * torch.randn(16, 10, generator=gen, dtype=torch.float64)) for v in loss.views}
+    y = torch.randint(0, 10, (16,), generator=gen)
+    for z in logits.values():
+        z.requires_grad_(True)
+    total, parts = loss(logits, y)
+    ref = d2r_loss_terms(logits["target(x_adv)"], logits["target(x)"], logits["guide(x)"], y)
+    assert total.item() == pytest.approx(ref["loss"].item(), rel=1e-12)
+    for name, value in parts.items():
+        assert value.item() == pytest.approx(ref[name].item(), rel=1e-12, abs=1e-15), name
+    ours = torch.autograd.grad(total, list(logits.values()))
+    theirs = torch.autograd.grad(ref["loss"], list(logits.values()))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_reference_step_equals_robustflows_training_step():
+    # Same weights, batch and attack noise, in float64 so rounding does not flip a gradient's sign:
+    # robustflow's CAG (guide computed once) finds the same x_adv as the authors' (guide recomputed every
+    # step), and the same loss and weight gradients of both models follow.
+    exp = _build("d2r_cag_cifar10", ["ATTACK_STEPS = 3"])
+    graph = exp.graph.double().train()
+    target, guide = (copy.deepcopy(graph.models[m]) for m in ("target", "guide"))
+    x = torch.rand(8, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,))
+    gen = graph.generator
+    torch.manual_seed(3)
+    out = graph.step(x, y)
+    torch.manual_seed(3)
+    x_adv = cag_attack(target, guide, x, gen.step_size, gen.eps, gen.steps)
+    ref = d2r_loss_terms(target(x_adv), target(x), guide(x), y)
+    assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-10)
+    out["loss"].backward()
+    ref["loss"].backward()
+    for ours, theirs in ((graph.models["target"], target), (graph.models["guide"], guide)):
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
