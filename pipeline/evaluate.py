@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from fractions import Fraction
+from pathlib import Path
 
 import matplotlib
 
@@ -65,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="data root (default: $ROBUSTFLOW_DATA, else ./data)")
     parser.add_argument("--no-curve", action="store_true", help="skip the PGD-20 accuracy-vs-eps curve")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--output-dir",
+        default=os.environ.get("ROBUSTFLOW_OUTPUT", "outputs"),
+        help="local copy of the results",
+    )
     return parser.parse_args(argv)
 
 
@@ -124,6 +132,22 @@ def main(argv: list[str] | None = None) -> int:
         suite.curve_eps, suite.curve_attacks = CURVE_EPS, ("pgd20",)
     report = suite.run(model, data.test_loader(), progress=True, seed=args.seed)
 
+    # Written to disk first: a long evaluation is never lost to a tracking-server hiccup.
+    out_dir = Path(args.output_dir) / f"evaluate-{train_run_id}-{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = report.to_markdown()
+    (out_dir / "results.md").write_text(table)
+    (out_dir / "flags.txt").write_text("\n".join(report.flags) + ("\n" if report.flags else "no flags\n"))
+    (out_dir / "robustbench.json").write_text(
+        json.dumps(report.to_robustbench_json(model_uri=args.model_uri), indent=2)
+    )
+    (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    figure = accuracy_vs_eps_figure(report)
+    figure.savefig(out_dir / "accuracy_vs_eps.png", dpi=120)
+    plt.close(figure)
+
+    # Under `mlflow run` this continues the run it created (MLFLOW_RUN_ID), which already holds the entry
+    # point's own parameters (model_uri, suite, eps, n): ours are namespaced so they never collide.
     with mlflow.start_run(experiment_id=train_run.info.experiment_id, run_name=f"evaluate-{args.suite}"):
         mlflow.set_tags(
             {
@@ -133,29 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         mlflow.log_params(
-            {
-                "model_uri": args.model_uri,
-                "suite": args.suite,
-                "eps": args.eps,
-                "n": report.n_examples,
-                "seed": args.seed,
-            }
-        )
-        metrics = report.to_metrics(prefix="test/", primary_eps=eps_list[0])
-        mlflow.log_metrics(metrics)
-        mlflow.log_text(
-            "\n".join(report.flags) + ("\n" if report.flags else "no flags\n"), "evaluation/flags.txt"
-        )
-        mlflow.log_text(
-            json.dumps(report.to_robustbench_json(model_uri=args.model_uri), indent=2),
-            "evaluation/robustbench.json",
-        )
-        mlflow.log_text(json.dumps(report.to_dict(), indent=2), "evaluation/report.json")
-        table = report.to_markdown()
-        mlflow.log_text(table, "evaluation/results.md")
-        figure = accuracy_vs_eps_figure(report)
-        mlflow.log_figure(figure, "evaluation/accuracy_vs_eps.png")
-        plt.close(figure)
+            {"eval.model_uri": args.model_uri, "eval.suite": args.suite, "eval.eps": args.eps,
+             "eval.n_examples": report.n_examples, "eval.seed": args.seed}
+        )  # fmt: skip
+        mlflow.log_metrics(report.to_metrics(prefix="test/", primary_eps=eps_list[0]))
+        mlflow.log_artifacts(str(out_dir), "evaluation")
     print(table)
     for flag in report.flags:
         print(f"FLAG: {flag}", file=sys.stderr)

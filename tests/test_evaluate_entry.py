@@ -66,3 +66,29 @@ def test_evaluate_rejects_bad_input_before_work(mlflow_store, capsys):
     with pytest.raises(Exception, match="out of range"):
         parse_eps("8")
     assert parse_eps("8/255, 0.031") == pytest.approx([8 / 255, 0.031])
+
+
+def test_mlflow_run_evaluate_entry_point(shared_data, mlflow_store, tmp_path):
+    """Through `mlflow run`, whose own run already holds the entry point's parameters (n, suite, ...)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert train(["--gin", "d2r_cag_cifar10,smoke", "--overrides", TINY]) == 0
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store, ROBUSTFLOW_DATA=str(shared_data))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(key, None)
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(repo), "-e", "evaluate", "--env-manager", "local",
+         "-P", "model_uri=models:/d2r_cag_cifar10@champion", "-P", "n=16", "-P", "device=cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string="params.suite = 'quick'", output_format="list"
+    )
+    assert len(runs) == 1 and "test/pgd20_acc" in runs[0].data.metrics
+    assert runs[0].data.params["eval.n_examples"] == "16"
