@@ -75,7 +75,8 @@ def parse_overrides(overrides: str | list[str] | None) -> list[str]:
     return bindings
 
 
-def _defined_macros() -> set[str]:
+def defined_macros() -> set[str]:
+    """Names of the macros the applied configs define."""
     return {scope for (scope, selector) in gin.config._CONFIG if selector == "gin.macro"}
 
 
@@ -107,7 +108,7 @@ def _check_override_targets(bindings: list[str], defined: set[str]) -> None:
 
 
 def _check_macros_defined() -> None:
-    defined = _defined_macros()
+    defined = defined_macros()
     for (scope, selector), params in gin.config._CONFIG.items():
         for param, value in params.items():
             missing = _used_macros(value) - defined
@@ -148,7 +149,7 @@ def load_config(spec: str, overrides: str | list[str] | None = None) -> LoadedCo
     with _quiet_include_search():
         try:
             gin.parse_config_files_and_bindings([str(f) for f in files], None, finalize_config=False)
-            _check_override_targets(bindings, _defined_macros())
+            _check_override_targets(bindings, defined_macros())
             gin.parse_config_files_and_bindings(None, bindings, finalize_config=False)
         except ConfigError:
             raise
@@ -160,7 +161,7 @@ def load_config(spec: str, overrides: str | list[str] | None = None) -> LoadedCo
 
 def macro(name: str, default: Any = None) -> Any:
     """The value of a gin macro, or ``default`` when no applied config defines it."""
-    return gin.query_parameter(f"%{name}") if name in _defined_macros() else default
+    return gin.query_parameter(f"%{name}") if name in defined_macros() else default
 
 
 def flat_parameters() -> dict[str, str]:

@@ -17,8 +17,10 @@ Two ways back to a model:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,8 +83,13 @@ def log_model(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     cpu_model = model.to("cpu")
     example = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)
     try:
+        # Explicit requirements: MLflow's inference of them costs 10+ s per run and adds nothing here.
         info = mlflow.pytorch.log_model(
-            cpu_model, name=MODEL_ARTIFACT, input_example=example, serialization_format="pt2"
+            cpu_model,
+            name=MODEL_ARTIFACT,
+            input_example=example,
+            serialization_format="pt2",
+            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
         )
     finally:
         model.to(device)
@@ -94,8 +101,23 @@ def _score(client: mlflow.MlflowClient, name: str, version: str) -> float:
     return float(tags.get(SCORE_TAG, "-inf"))
 
 
-def settle_champion(name: str) -> str | None:
-    """Point ``champion`` at the best-scoring version (ties: the oldest); returns that version."""
+def settle_champion(name: str, attempts: int = 5) -> str | None:
+    """Point ``champion`` at the best-scoring version (ties: the oldest); returns that version.
+
+    Two workers may settle at the same moment (the first alias insert of one loses a unique-constraint
+    race): on failure, re-read every version and settle again.
+    """
+    for attempt in range(attempts):
+        try:
+            return _settle_once(name)
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    return None
+
+
+def _settle_once(name: str) -> str | None:
     client = mlflow.MlflowClient()
     versions = client.search_model_versions(f"name = '{name}'")
     if not versions:
@@ -117,9 +139,10 @@ def register(run_id: str, name: str, model_uri: str, score: float, card: str) ->
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(
-            name, description=f"robustflow experiment {name}: best robust model per run"
-        )
+        with contextlib.suppress(MlflowException):  # another worker may create it at the same moment
+            client.create_registered_model(
+                name, description=f"robustflow experiment {name}: best robust model per run"
+            )
     version = client.create_model_version(
         name, model_uri, run_id=run_id, description=card, tags={SCORE_TAG: repr(score)}
     )
