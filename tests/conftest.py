@@ -40,6 +40,23 @@ def mlflow_store(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _clear_gin():
+def _isolate():
+    """Each test starts with no gin config and without MLflow state a previous test left behind.
+
+    mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID for child processes; a stale id from another
+    test's store would point the next test at an experiment its store does not have.
+    """
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")}
     yield
     gin.clear_config()
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+    # set_experiment also caches the id in the fluent API; the next test's store would not have it.
+    mlflow.tracking.fluent._active_experiment_id = None
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
