@@ -24,7 +24,7 @@ import pyautoattack
 import torch
 from torch import Tensor, nn
 
-from components.attacks.pgd import check_eps
+from components.attacks.pgd import check_eps, input_grad_only
 from components.evaluation import EPS_8_255
 
 #: The stages each version runs, in order (pyautoattack's attack names).
@@ -60,20 +60,6 @@ def _capture_warnings(logger: logging.Logger) -> Iterator[_Capture]:
         yield handler
     finally:
         logger.removeHandler(handler)
-
-
-@contextlib.contextmanager
-def _frozen_parameters(model: nn.Module) -> Iterator[None]:
-    # FAB calls .backward(): with trainable parameters it would fill (and leave) their .grad, and every
-    # attack would also keep activations for weight gradients it never uses.
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 @gin.configurable
@@ -132,7 +118,13 @@ class AutoAttack:
         x = x.detach().to(device, torch.float32)
         y = y.to(device)
         fork = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork), _frozen_parameters(model), torch.no_grad():
+        # Frozen parameters: FAB calls .backward(), which would fill (and leave) their .grad, and every
+        # attack would keep activations for weight gradients it never uses.
+        with (
+            torch.random.fork_rng(devices=fork),
+            input_grad_only({"model": model}, ("model",)),
+            torch.no_grad(),
+        ):
             logits = model(x)
             robust = logits.argmax(1) == y
             x_adv = x.clone()

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from benchmarks.reference_d2r import peak_memory_mib, reference_flop_counts, run_reference
 from pipeline.config import ConfigError, load_config, macro
+from pipeline.train import resolve_device
 
 DEFAULT_METHODS = ("d2r_cag_cifar10", "lbgat_cifar10", "trades_cifar10", "pgd_at_cifar10", "regmix_cifar10")
 # The method the authors' loop (benchmarks/reference_d2r.py) reproduces.
@@ -169,16 +170,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_images < 1 or args.eval_batch_size < 1 or args.aa_images < 1:
         parser.error("need --eval-images, --eval-batch-size and --aa-images >= 1")
     return args
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present; an explicit 'cuda' without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but torch sees no GPU; use --device cpu or auto")
-    return device
 
 
 _GIN_SWITCH = {"auto": "'auto'", "on": "True", "off": "False"}
