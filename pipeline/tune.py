@@ -562,7 +562,6 @@ class Tuner:
                 f"--objective {p.objective} needs another study name (--study)"
             )
         self._check_same_study()
-        self._ensure_registered_model()
         self.parent_id = self._open_parent_run()
 
     def _existing_trials(self) -> int:
@@ -591,21 +590,6 @@ class Tuner:
                 f"study {p.study_name!r} in {p.storage.label} was created with {was}; this run asks for "
                 f"{now}. Resume it with the same arguments, or start another study with --study NAME"
             )
-
-    def _ensure_registered_model(self) -> None:
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        # Workers finishing their first trials at once would race to create the registered model inside
-        # registry.register (the loser's trial would fail); creating it up front makes that a no-op.
-        try:
-            mlflow.MlflowClient().create_registered_model(
-                self.plan.model_name,
-                description=f"robustflow experiment {self.plan.model_name}: best robust model per run",
-            )
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
 
     def _open_parent_run(self) -> str:
         """The study's parent run: the one recorded in the study, else a new one (all workers agree)."""
