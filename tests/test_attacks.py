@@ -35,13 +35,8 @@ DIM = 3 * 8 * 8
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: intra-op threads only add contention when other jobs share the CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: intra-op threads only add contention when other jobs share the CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_bn_net(seed: int, num_classes: int = 10) -> nn.Module:

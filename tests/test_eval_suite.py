@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
+from support import SHAPE, synthetic, train_mlp
 from torch import nn
 
 from components.autoattack_eval import AutoAttack
@@ -28,44 +28,17 @@ from components.eval_suite import (
 )
 from components.evaluation import CW, EPS_8_255, PGD, STEP_2_255
 
-SHAPE = (3, 8, 8)
-DIM = 3 * 8 * 8
 # MLflow accepts only these characters in metric names (no '@').
 MLFLOW_NAME = re.compile(r"^[\w\-. :/]+$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention when other jobs share the CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def synthetic(n: int, seed: int):
-    """Ten classes, each a fixed random image (pixels in [0.415, 0.585]) plus N(0, 0.05) noise, in [0, 1]."""
-    protos = 0.415 + 0.17 * torch.rand(10, *SHAPE, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return (protos[y] + 0.05 * torch.randn(n, *SHAPE, generator=g)).clamp(0, 1), y
+# Tiny tensors: intra-op threads only add contention when other jobs share the CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def mlp():
-    """~100% clean, partly robust at 8/255, not at all at 16/255."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(DIM, 64), nn.ReLU(), nn.Linear(64, 10))
-    x, y = synthetic(2000, seed=1)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(150):
-        idx = torch.randint(0, 2000, (128,))
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.zero_grad(set_to_none=True)
-    return net.eval()
+    return train_mlp()
 
 
 def loader(n: int = 48, batch: int = 16, seed: int = 2):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import DIM, SHAPE, synthetic, train_mlp
 from torch import nn
 
 from components.autoattack_eval import AutoAttack
@@ -24,17 +25,8 @@ from components.evaluation import (
     robust_accuracy,
 )
 
-SHAPE = (3, 8, 8)
-DIM = 3 * 8 * 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: intra-op threads only add contention when other jobs share the CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: intra-op threads only add contention when other jobs share the CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -318,29 +310,9 @@ def test_robust_accuracy_on_an_empty_loader_raises_and_restores_the_mode():
 # ------------------------------------------------------------------------------------- attack classes
 
 
-def synthetic(n: int, seed: int):
-    """Ten classes, each a fixed random image (pixels in [0.415, 0.585]) plus N(0, 0.05) noise, in [0, 1]."""
-    protos = 0.415 + 0.17 * torch.rand(10, *SHAPE, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return (protos[y] + 0.05 * torch.randn(n, *SHAPE, generator=g)).clamp(0, 1), y
-
-
 @pytest.fixture(scope="module")
 def mlp():
-    """A small MLP trained for about a second: ~100% clean, partly robust at 8/255 (PGD-20 ~40%)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(DIM, 64), nn.ReLU(), nn.Linear(64, 10))
-    x, y = synthetic(2000, seed=1)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(150):
-        idx = torch.randint(0, 2000, (128,))
-        loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.zero_grad(set_to_none=True)
-    return net.eval()
+    return train_mlp()
 
 
 @pytest.mark.parametrize("cls", [PGD, CW])

@@ -24,12 +24,8 @@ from components.schedules import (
 BASE_LR = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny tensors: intra-op threads only add contention when other jobs share the CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sgd(lr: float = BASE_LR) -> torch.optim.SGD:
