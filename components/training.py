@@ -44,7 +44,8 @@ class TrainResult:
     best: dict[str, float] = field(default_factory=dict)
 
 
-def _resolve_auto(flag: bool | str, device: torch.device) -> bool:
+def resolve_auto(flag: bool | str, device: torch.device) -> bool:
+    """A fast-path switch: ``'auto'`` means on CUDA only."""
     return device.type == "cuda" if flag == "auto" else bool(flag)
 
 
@@ -82,8 +83,22 @@ class Trainer:
     def selection_metric(self) -> str:
         return f"val/pgd{self.val_steps}_acc"
 
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if _resolve_auto(self.amp, device):
+    def uses_amp(self, device: torch.device) -> bool:
+        """Whether steps on ``device`` run under bf16 autocast."""
+        return resolve_auto(self.amp, device)
+
+    def prepare(self, graph: TrainingGraph, device: torch.device) -> None:
+        """Put the graph on ``device`` with the fast-path settings (channels_last, compile)."""
+        graph.to(device)
+        if resolve_auto(self.channels_last, device):
+            graph.to(memory_format=torch.channels_last)
+        if self.compile:
+            for model in graph.models.values():
+                model.compile()
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """bf16 autocast where ``amp`` says so, else a no-op context."""
+        if self.uses_amp(device):
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -103,12 +118,7 @@ class Trainer:
         last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
         torch.manual_seed(self.seed)
         data.setup()
-        graph.to(device)
-        if _resolve_auto(self.channels_last, device):
-            graph.to(memory_format=torch.channels_last)
-        if self.compile:
-            for model in graph.models.values():
-                model.compile()
+        self.prepare(graph, device)
         if dist.is_distributed():
             graph.parallel = {n: dist.wrap(m, device) for n, m in graph.models.items()}
         rank, world = dist.rank(), dist.world_size()
@@ -137,7 +147,7 @@ class Trainer:
             if rank == 0:
                 # Validation on rank 0 only; the other ranks wait in the gather below.
                 t_val = time.perf_counter()
-                with self._autocast(device):
+                with self.autocast(device):
                     val = robust_accuracy(graph.target, data.val_loader(), attack_steps=self.val_steps)
                 metrics.update({f"val/{k}": v for k, v in val.items()})
                 metrics["epoch_time_s"] += time.perf_counter() - t_val
@@ -201,7 +211,7 @@ class Trainer:
                 )
             if distributed:
                 dist.broadcast_buffers(graph.models)
-            with self._autocast(device):
+            with self.autocast(device):
                 out = graph.step(x, y)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()

@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.reference_d2r import peak_memory_mib, reference_flop_counts, run_reference
+from components.training import resolve_auto
 from pipeline.config import ConfigError, load_config, macro
 from pipeline.train import resolve_device
 
@@ -173,11 +174,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 _GIN_SWITCH = {"auto": "'auto'", "on": "True", "off": "False"}
-
-
-def _resolve(flag: bool | str, device: torch.device) -> bool:
-    """The Trainer's rule: 'auto' means on CUDA only."""
-    return device.type == "cuda" if flag == "auto" else bool(flag)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,14 +330,8 @@ def _free(device: torch.device) -> None:
 
 def prepare_fast_path(exp: Any, device: torch.device) -> tuple[torch.optim.Optimizer, bool]:
     """Put the graph on ``device`` as ``Trainer.fit`` does (channels_last, compile) and make its optimizer."""
-    graph, trainer = exp.graph, exp.trainer
-    graph.to(device)
-    if _resolve(trainer.channels_last, device):
-        graph.to(memory_format=torch.channels_last)
-    if trainer.compile:
-        for model in graph.models.values():
-            model.compile()
-    return trainer.optimizer_fn(graph.models), _resolve(trainer.amp, device)
+    exp.trainer.prepare(exp.graph, device)
+    return exp.trainer.optimizer_fn(exp.graph.models), exp.trainer.uses_amp(device)
 
 
 class StepTimer:
@@ -452,7 +442,7 @@ def bench_training(
         "warmup_s": t1 - t0,
         "peak_mem_mib": peak_memory_mib(device),
         "amp": amp,
-        "channels_last": _resolve(exp.trainer.channels_last, device),
+        "channels_last": resolve_auto(exp.trainer.channels_last, device),
         "compile": bool(exp.trainer.compile),
         "losses": dict(zip(["loss", *graph.loss.terms], values[:-2])),
     }
@@ -726,7 +716,7 @@ def compare_fast_path(
         values.update({f"eval/{k}": v for k, v in acc.items()})
         runs[label] = {
             "amp": amp,
-            "channels_last": _resolve(exp.trainer.channels_last, device),
+            "channels_last": resolve_auto(exp.trainer.channels_last, device),
             "values": values,
         }
         del exp, optimizer

@@ -269,7 +269,7 @@ def test_metrics(exp, best_checkpoint: Path) -> dict[str, float]:  # noqa: ANN00
 
     target, device = exp.graph.target, exp.data.device
     k = exp.trainer.val_steps
-    with exp.trainer._autocast(torch.device(device)):
+    with exp.trainer.autocast(torch.device(device)):
         last = robust_accuracy(target, exp.data.test_loader(), attack_steps=k)
         best_state = load_checkpoint(best_checkpoint, map_location=device)
         target.load_state_dict(best_state["model"])

@@ -31,3 +31,18 @@ def train_mlp() -> nn.Module:
         opt.step()
     net.zero_grad(set_to_none=True)
     return net.eval()
+
+
+def conv_bn_net(seed: int = 0, num_classes: int = 10) -> nn.Module:
+    """Two conv + BatchNorm + ReLU blocks and a linear head, for 3x8x8 inputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, num_classes),
+    )

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support import conv_bn_net
 from torch import nn
 
 from components.attacks import (
@@ -37,21 +38,6 @@ DIM = 3 * 8 * 8
 
 # Tiny tensors: intra-op threads only add contention when other jobs share the CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def conv_bn_net(seed: int, num_classes: int = 10) -> nn.Module:
-    """Two conv + BatchNorm + ReLU blocks and a linear head, for 3x8x8 inputs."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Conv2d(4, 8, 3, stride=2, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 4 * 4, num_classes),
-    )
 
 
 def linear_net(seed: int, num_classes: int = 10) -> nn.Module:

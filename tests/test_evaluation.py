@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import DIM, SHAPE, synthetic, train_mlp
+from support import DIM, SHAPE, conv_bn_net, synthetic, train_mlp
 from torch import nn
 
 from components.autoattack_eval import AutoAttack
@@ -56,20 +56,6 @@ def mid_box(n: int, seed: int = 0) -> torch.Tensor:
     """Inputs in [0.4, 0.6]: x +- 8/255 never touches the box, so clipping does not bind."""
     g = torch.Generator().manual_seed(seed)
     return 0.4 + 0.2 * torch.rand(n, *SHAPE, generator=g)
-
-
-def conv_bn_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Conv2d(4, 8, 3, stride=2, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 4 * 4, 10),
-    )
 
 
 def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
