@@ -1,0 +1,304 @@
+"""Stability study: does each method's training step hold on real backbones at the lrs its schedule uses?
+
+    python -m benchmarks.stability                                   # CPU table (docs/stability.md)
+    python -m benchmarks.stability --profile stable                  # the same with gin/stable.gin appended
+    python -m benchmarks.stability --target wrn34_10 --batch-size 128 --steps 300 --lrs 0.1 \\
+        --methods d2r_cag_cifar10 --device cuda                      # the authors' exact D2R-CAG, on a GPU
+
+For each method x target x lr it builds the experiment from the method's own gin config (backbones, batch
+size and attack steps overridden; ``--profile`` files appended after it, as ``-P gin=method,stable`` does),
+sets every parameter group to a fixed lr (the schedule is off: 0.02 is the LBGAT/D2R warm-up epoch's lr, 0.1
+their main phase's and TRADES' lr from the first step) and runs ``Trainer.train_step``, the step training
+runs (clipping included when the profile turns it on), on the same real CIFAR-10 batches from the same
+initial weights. A run *diverges* at the first step whose loss exceeds ``--factor`` (10) times the first
+step's loss or is non-finite. For D2R-CAG, ``--reference`` also runs the authors' loop
+(``benchmarks/reference_d2r.py``) from the same weights on the same batches.
+
+Runs without MLflow or Optuna (gin, torch, numpy). Writes ``stability.md`` and ``stability.json`` to
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gin
+import numpy as np
+import torch
+from torch import Tensor
+
+from benchmarks.reference_d2r import d2r_step
+from pipeline.config import defined_macros, load_config
+
+DEFAULT_METHODS = (
+    "d2r_cag_cifar10",
+    "d2r_cifar10",
+    "lbgat_cifar10",
+    "trades_cifar10",
+    "pgd_at_cifar10",
+    "regmix_cifar10",
+    "pgd2_mse_cifar10",
+)
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass
+class Trajectory:
+    """The losses of one study run, and where (if anywhere) it diverged."""
+
+    method: str
+    target: str
+    lr: float
+    profile: str
+    loop: str  # 'robustflow' or 'authors'
+    losses: list[float] = field(default_factory=list)
+    terms: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def diverged_at(self, factor: float) -> int | None:
+        """1-indexed step at which the loss first exceeds ``factor`` x the first loss or is non-finite."""
+        start = self.losses[0] if self.losses else math.nan
+        for i, loss in enumerate(self.losses, 1):
+            if not math.isfinite(loss) or (math.isfinite(start) and loss > factor * abs(start)):
+                return i
+        return None
+
+    def worst_term(self) -> str:
+        """The term that grew most (last finite over first), which is usually what blew up."""
+
+        def growth(values: list[float]) -> float:
+            finite = [v for v in values if math.isfinite(v)]
+            if not finite:
+                return math.inf
+            if not all(math.isfinite(v) for v in values):
+                return math.inf
+            return max(abs(v) for v in finite) / max(abs(finite[0]), 1e-8)
+
+        if not self.terms:
+            return ""
+        name = max(self.terms, key=lambda n: growth(self.terms[n]))
+        return f"{name} (x{growth(self.terms[name]):.3g})"
+
+
+def load_batches(data_dir: Path, batch_size: int, steps: int, device: torch.device) -> list[tuple]:
+    """``steps`` real CIFAR-10 training batches (the first images of shard 1, as [0, 1] NCHW floats)."""
+    shard = data_dir / "cifar10" / "train-1.npz"
+    if not shard.is_file():
+        raise SystemExit(f"stability: CIFAR-10 shard not found: {shard} (pass --data)")
+    with np.load(shard) as archive:
+        n = batch_size * steps
+        x = torch.from_numpy(archive["x"][:n]).permute(0, 3, 1, 2).float().div(255)
+        y = torch.from_numpy(archive["y"][:n].astype(np.int64))
+    if len(y) < n:
+        raise SystemExit(f"stability: {shard} has {len(y)} images, {n} needed")
+    return [
+        (x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in range(0, n, batch_size)
+    ]
+
+
+def build(method: str, profile: list[str], overrides: list[str]):  # noqa: ANN201  (an Experiment)
+    """Build the experiment of ``method`` with the profile files appended and the size overrides."""
+    from components.experiment import experiment
+
+    spec = ",".join([method, *profile])
+    load_config(spec)  # first without overrides: which of the size macros does this config define?
+    usable = [b for b in overrides if b.split("=", 1)[0].strip() in defined_macros()]
+    load_config(spec, usable)
+    with gin.unlock_config():
+        return experiment()
+
+
+def run_robustflow(exp, batches: list[tuple], lr: float, device: torch.device) -> Trajectory:  # noqa: ANN001
+    graph, trainer = exp.graph, exp.trainer
+    graph.to(device)
+    optimizer = trainer.optimizer_fn(graph.models)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    graph.train()
+    traj = Trajectory("", "", lr, "", "robustflow")
+    names = list(graph.loss.terms)
+    traj.terms = {n: [] for n in names}
+    t0 = time.perf_counter()
+    for x, y in batches:
+        out = trainer.train_step(graph, optimizer, x, y, device)
+        traj.losses.append(float(out["loss"]))
+        for n in names:
+            traj.terms[n].append(float(out["parts"][n]))
+        if not math.isfinite(traj.losses[-1]):
+            break  # everything after a NaN is NaN
+    traj.seconds = time.perf_counter() - t0
+    return traj
+
+
+def run_authors(models: dict, batches: list[tuple], lr: float, attack_steps: int) -> Trajectory:
+    """The authors' D2R-CAG loop (one SGD over both models, momentum 0.9, wd 2e-4) at a fixed lr."""
+    target, guide = models["target"], models["guide"]
+    params = [*target.parameters(), *guide.parameters()]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=2e-4)
+    traj = Trajectory("", "", lr, "", "authors")
+    names = ("ce_guide", "mse", "kl_gap", "kl_adv")
+    traj.terms = {n: [] for n in names}
+    t0 = time.perf_counter()
+    for x, y in batches:
+        out = d2r_step(target, guide, optimizer, x, y, perturb_steps=attack_steps)
+        traj.losses.append(float(out["loss"]))
+        for n in names:
+            traj.terms[n].append(float(out[n]))
+        if not math.isfinite(traj.losses[-1]):
+            break
+    traj.seconds = time.perf_counter() - t0
+    return traj
+
+
+def feature_norms(backbones: list[str], batch: tuple, device: torch.device) -> dict[str, float]:
+    """Mean squared norm of each backbone's penultimate features (the classifier's input) at init, train mode.
+
+    The logit-space MSE is a quadratic in the classifier's weights with curvature ``2 E||h||^2 / K`` per
+    model ('mean' over B*K): plain gradient descent on it overshoots and grows once ``lr x curvature > 2``.
+    """
+    from components.backbones.registry import build_backbone
+
+    norms = {}
+    for name in backbones:
+        torch.manual_seed(0)
+        model = build_backbone(name, num_classes=10).to(device).train()
+        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        seen: list[Tensor] = []
+        handle = linear.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(args[0].detach()))
+        with torch.no_grad():
+            model(batch[0])
+        handle.remove()
+        norms[name] = float(seen[-1].flatten(1).pow(2).sum(1).mean())
+    return norms
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.stability", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument(
+        "--targets", default="resnet18,preact_resnet18", help="target backbones, comma-separated"
+    )
+    parser.add_argument("--guide", default="resnet18_lbgat")
+    parser.add_argument("--lrs", default="0.02,0.1")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--attack-steps", type=int, default=None, help="override ATTACK_STEPS (default: config's)"
+    )
+    parser.add_argument("--profile", default="", help="gin files appended to each experiment, e.g. 'stable'")
+    parser.add_argument("--factor", type=float, default=10.0, help="diverged: loss > factor x first loss")
+    parser.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the authors' loop for D2R-CAG",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--data", default=str(DATA), help="folder holding cifar10/train-1.npz")
+    parser.add_argument("--out", default="stability_out")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
+    profile = [p.strip() for p in args.profile.split(",") if p.strip()]
+    batches = load_batches(Path(args.data), args.batch_size, args.steps, device)
+    results: list[Trajectory] = []
+    for method in methods:
+        for target in targets:
+            overrides = [
+                f"TARGET_BACKBONE = '{target}'",
+                f"GUIDE_BACKBONE = '{args.guide}'",
+                f"BATCH_SIZE = {args.batch_size}",
+                f"SEED = {args.seed}",
+            ]
+            if args.attack_steps is not None:
+                overrides.append(f"ATTACK_STEPS = {args.attack_steps}")
+            for lr in lrs:
+                exp = build(method, profile, overrides)
+                initial = {n: copy.deepcopy(m) for n, m in exp.graph.models.items()}
+                steps = exp.graph.generator.steps
+                torch.manual_seed(args.seed)
+                runs = [run_robustflow(exp, batches, lr, device)]
+                if args.reference and method == "d2r_cag_cifar10":
+                    torch.manual_seed(args.seed)
+                    runs.append(
+                        run_authors({n: m.to(device) for n, m in initial.items()}, batches, lr, steps)
+                    )
+                for traj in runs:
+                    traj.method, traj.target, traj.profile = method, target, "+".join(profile) or "faithful"
+                    results.append(traj)
+                    at = traj.diverged_at(args.factor)
+                    print(
+                        f"{method:18s} {target:16s} lr={lr:<5g} {traj.loop:10s} "
+                        f"{'DIVERGED at step ' + str(at) if at else 'holds':22s} "
+                        f"losses {' '.join(f'{v:.4g}' for v in traj.losses)}  [{traj.seconds:.0f}s]",
+                        flush=True,
+                    )
+                del exp, initial
+                gin.clear_config()
+    norms = feature_norms(sorted({*targets, args.guide, "small_cnn"}), batches[0], device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stability.md").write_text(table(results, args) + "\n" + norm_table(norms, lrs))
+    (out / "stability.json").write_text(
+        json.dumps(
+            {"args": vars(args), "runs": [asdict(r) for r in results], "feature_norms": norms}, indent=1
+        )
+    )
+    print(f"stability: wrote {out / 'stability.md'}", file=sys.stderr)
+    return 0
+
+
+def table(results: list[Trajectory], args: argparse.Namespace) -> str:
+    """The markdown table of the study, with the command's settings and the machine."""
+    lines = [
+        f"Settings: batch {args.batch_size}, {args.steps} steps, attack steps "
+        f"{args.attack_steps or 'as configured'}, guide {args.guide}, profile '{args.profile or 'none'}', "
+        f"device {args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads. Diverged = loss > {args.factor:g}x step 1 or non-finite.",
+        "",
+        "| method | target | lr | loop | step 1 loss | max loss | last loss | diverged at | grew most |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        at = r.diverged_at(args.factor)
+        finite = [v for v in r.losses if math.isfinite(v)]
+        lines.append(
+            f"| {r.method} | {r.target} | {r.lr:g} | {r.loop} | {r.losses[0]:.4g} | "
+            f"{max(finite) if finite else math.nan:.4g} | {r.losses[-1]:.4g} | "
+            f"{'step ' + str(at) if at else '-'} | {r.worst_term()} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def norm_table(norms: dict[str, float], lrs: list[float], classes: int = 10) -> str:
+    """Penultimate feature norms at init and the step size they imply for a logit-space MSE."""
+    head = " | ".join(f"lr {lr:g} x 2E‖h‖²/K" for lr in lrs)
+    lines = [f"| backbone | E‖h‖² at init | {head} |", "|---|---|" + "---|" * len(lrs)]
+    for name, sq in norms.items():
+        cells = " | ".join(f"{lr * 2 * sq / classes:.3g}" for lr in lrs)
+        lines.append(f"| {name} | {sq:.4g} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
