@@ -63,8 +63,7 @@ from torch import Tensor, nn
 
 from benchmarks.reference_d2r import peak_memory_mib, reference_flop_counts, run_reference
 from components.training import resolve_auto
-from pipeline.config import ConfigError, load_config, macro
-from pipeline.train import resolve_device
+from pipeline.config import ConfigError, load_config, macro, resolve_device
 
 DEFAULT_METHODS = ("d2r_cag_cifar10", "lbgat_cifar10", "trades_cifar10", "pgd_at_cifar10", "regmix_cifar10")
 # The method the authors' loop (benchmarks/reference_d2r.py) reproduces.
@@ -976,6 +975,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     args.argv = argv
+    if args.mlflow and importlib.util.find_spec("mlflow") is None:
+        print("robustflow bench: error: --mlflow given but MLflow is not installed here", file=sys.stderr)
+        return 2
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

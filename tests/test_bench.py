@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from support import run_python_without
 
 from benchmarks.reference_d2r import (
     cag_attack,
@@ -236,3 +237,23 @@ def test_reference_step_equals_robustflows_training_step():
     for ours, theirs in ((graph.models["target"], target), (graph.models["guide"], guide)):
         for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_bench_runs_where_mlflow_and_optuna_cannot_be_imported(tmp_path):
+    # The GPU machines have torch but neither MLflow nor Optuna: the bench must not need them.
+    argv = [*TINY_ARGS, "--methods", "pgd_at_cifar10", "--steps", "1", "--warmup", "0", "--no-reference"]
+    argv += ["--overrides", "ATTACK_STEPS = 2", "--out", str(tmp_path)]
+    code = (
+        "from pipeline.bench import main\n"
+        f"rc = main({argv!r})\n"
+        "loaded = [m for m in ('mlflow', 'optuna') if sys.modules.get(m) is not None]\n"
+        "assert not loaded, loaded\n"
+        "sys.exit(rc)\n"
+    )
+    proc = run_python_without(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "bench.json").read_text())["methods"][0]["method"] == "pgd_at_cifar10"
+    # Asking for MLflow where it is missing is a usage error before any work, not a traceback at the end.
+    proc = run_python_without(f"from pipeline.bench import main\nsys.exit(main({[*argv, '--mlflow']!r}))\n")
+    assert proc.returncode == 2
+    assert "MLflow is not installed" in proc.stderr and "| method |" not in proc.stdout
