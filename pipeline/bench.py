@@ -2,6 +2,7 @@
 much faster D2R-CAG runs here than the authors' loop on the same machine.
 
     python -m pipeline.bench --threads 1         # tiny CPU defaults: small_cnn, batch 32, 3 steps
+    python -m pipeline.bench --learn --threads 1 # the learning check instead (pipeline/learn.py)
     python -m pipeline.bench --target wrn34_10 --guide resnet18_lbgat --batch-size 128 --steps 20 \\
         --warmup 5 --eval-images 1024 --eval-batch-size 256 --autoattack --aa-images 256 \\
         --compare-fast-path --out bench_gpu --mlflow                                    # H100 / H200
@@ -164,6 +165,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", default=None, help="data root (default: $ROBUSTFLOW_DATA, ./data)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--learn",
+        action="store_true",
+        help="run the learning check instead (python -m pipeline.learn; its options follow, see its --help)",
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 on a shared CPU)"
     )
@@ -1093,6 +1099,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the markdown; write/log it as asked. Returns the exit code."""
     from components.data import DataNotFoundError
 
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--learn" in given:  # the learning check (pipeline/learn.py) takes the rest of the options
+        from pipeline.learn import main as learn_main
+
+        given.remove("--learn")
+        return learn_main(given)
     args = parse_args(argv)
     args.argv = argv
     if args.mlflow and importlib.util.find_spec("mlflow") is None:
