@@ -137,6 +137,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser, "channels-last", "auto", ("auto", "on", "off"), "NHWC (Trainer.channels_last); auto = CUDA"
     )
     _add_switch(parser, "compile", "off", ("on", "off"), "torch.compile the models (Trainer.compile)")
+    _add_switch(
+        parser,
+        "cudnn-benchmark",
+        "off",
+        ("on", "off"),
+        "cuDNN autotuning (experiment.cudnn_benchmark; CUDA only; the warm-up steps cover the tuning)",
+    )
     _add_switch(parser, "reference", "on", ("on", "off"), "also time the authors' D2R loop")
     _add_switch(parser, "autoattack", "off", ("on", "off"), "also time AutoAttack 'standard' (slow on CPU)")
     _add_switch(
@@ -264,6 +271,7 @@ def method_overrides(
         f"Trainer.amp = {_GIN_SWITCH[amp]}",
         f"Trainer.channels_last = {_GIN_SWITCH[channels_last]}",
         f"Trainer.compile = {_GIN_SWITCH[args.compile]}",
+        f"experiment.cudnn_benchmark = {_GIN_SWITCH[args.cudnn_benchmark]}",
         "Trainer.progress = False",
     ]
     return kept, skipped
@@ -468,6 +476,7 @@ def bench_training(
     batches = iter(_loader(images, labels, batch_size, exp.data, seed))
     graph.train()
     _free(device)
+    graphs_before = _compiled_graphs()
     t0 = time.perf_counter()
     warm_rows = []
     if warmup:
@@ -477,6 +486,7 @@ def bench_training(
         torch.stack(warm_rows).tolist()  # wait for the warm-up steps (a read, as the Trainer's epoch end)
     _sync(device)
     t1 = time.perf_counter()
+    graphs_warm = _compiled_graphs()
     timer = StepTimer(device)
     rows = train_steps(
         graph, optimizer, (next(batches) for _ in range(steps)), amp, timer, scheduler, lrs, clip
@@ -495,11 +505,23 @@ def bench_training(
         "amp": amp,
         "channels_last": resolve_auto(exp.trainer.channels_last, device),
         "compile": bool(exp.trainer.compile),
+        # torch.compile: graphs dynamo compiled during the warm-up steps (both BN modes, grad modes) and
+        # during the timed steps, which should be none: a recompile there is a per-step cost.
+        "compiled_graphs_warmup": graphs_warm - graphs_before,
+        "compiled_graphs_timed": _compiled_graphs() - graphs_warm,
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "lr_schedule": schedule,
         "lr_each": lrs,
         "lr_span": lr_span(lrs),
         **_loss_report(warm_rows, timed, ["loss", *graph.loss.terms]),
     }
+
+
+def _compiled_graphs() -> int:
+    """Graphs ``torch._dynamo`` has compiled in this process so far (0 when nothing was compiled)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _loss_report(warm_rows: list[Tensor], timed: Tensor, names: list[str]) -> dict[str, Any]:
@@ -885,7 +907,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- machine: {meta['machine']}",
         f"- torch {meta['torch']}, threads {meta['threads']}, data: {meta['data']}",
-        f"- fast path: amp={meta['amp']}, channels_last={meta['channels_last']}, compile={meta['compile']}",
+        f"- fast path: amp={meta['amp']}, channels_last={meta['channels_last']}, compile={meta['compile']}"
+        f", cudnn.benchmark={meta['args'].get('cudnn_benchmark', 'off')}",
         f"- lr: {meta.get('lr', SCHEDULE)} (schedule: each config's own, stepped per iteration from step 1; "
         "a number: that fixed lr). Losses that went NaN/inf are marked NON-FINITE, never averaged",
         f"- peak TFLOP/s for the fraction: {meta['peak_tflops'] if meta['peak_tflops'] else 'not given'}",
@@ -905,6 +928,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     rows = list(report["methods"]) + ([report["reference"]] if report.get("reference") else [])
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(key), key) for key, _ in COLUMNS) + " |")
+    if meta["compile"]:
+        counts = ", ".join(
+            f"{r['method']} {r.get('compiled_graphs_warmup', 0)} / {r.get('compiled_graphs_timed', 0)}"
+            for r in report["methods"]
+        )
+        lines += ["", f"torch.compile graphs compiled in warm-up / timed steps (timed: 0 expected): {counts}"]
     lines += [
         "",
         "Peak memory: `torch.cuda.max_memory_allocated` on CUDA; on CPU the process's peak resident set size "
