@@ -36,6 +36,9 @@ def test_learn_trains_each_method_and_writes_table_json_and_plot(shared_data, tm
     assert "ATTACK_STEPS = 1" in d2r["config"] or "PGDGenerator.steps = 1" in d2r["config"]
     md = (out / "learn.md").read_text()
     assert "| pgd_at_cifar10 | ok | 2/2 |" in md and "| d2r_cag_cifar10 | 2 |" in md
+    # 32 validation images: chance (0.1) + 2 standard errors = 0.206 is the bar for "learned".
+    assert report["meta"]["chance_bar"] == pytest.approx(0.1 + 2 * (0.09 / 32) ** 0.5)
+    assert pgd["epochs"] and report["summary"][0]["pgd_above_chance"] == (second["val/pgd2_acc"] > 0.2061)
     assert (out / "learn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -112,3 +115,14 @@ def test_learn_runs_through_the_bench_flag_without_mlflow_or_optuna(shared_data,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "regmix_cifar10 epoch 1/1" in proc.stdout
     assert json.loads((tmp_path / "learn.json").read_text())["summary"][0]["status"] == "ok"
+
+
+def test_learned_means_above_chance_by_two_standard_errors():
+    assert learn.chance_bar(0.1, 256) == pytest.approx(0.1375)
+    record = {"method": "m", "status": "ok", "message": "", "wall_s": 2.0}
+    epochs = [{"epoch": 1, "wall_s": 1.0, "train/loss": 2.0, "val/clean_acc": 0.30, "val/pgd20_acc": 0.14}]
+    record["epochs"] = [*epochs, {**epochs[0], "epoch": 2, "val/clean_acc": 0.2, "val/pgd20_acc": 0.13}]
+    summary = learn.summarize(record, 0.1, 256)
+    # The last epoch decides (0.13 < 0.1375), not the best one (0.14): a max over noisy epochs flatters.
+    assert (summary["clean_above_chance"], summary["pgd_above_chance"]) == (True, False)
+    assert (summary["best_val_pgd"], summary["best_epoch"]) == (0.14, 1)
