@@ -2,7 +2,7 @@
 # The GPU measurements of the "Speed on the GPU" issue, as one prepared script (docs/benchmarks.md).
 # Run from the project root on a CUDA machine, after ../shared/gpu/pack.sh has packed .gpu/ here:
 #
-#   benchmarks/gpu_speed.sh [STAGE ...]     # stages: before switches prn18 learn (default: before switches)
+#   benchmarks/gpu_speed.sh [STAGE ...]     # stages: before switches stable prn18 learn (default: before switches)
 #
 # Each stage writes its bench.md/bench.json (or learn.md/json/png) under $OUT (default gpu_out/). Nothing
 # here needs MLflow or Optuna. Every switch is off by default in the code; the stages turn them on one at a
@@ -32,6 +32,13 @@ stage_switches() {  # cuDNN autotuning, then torch.compile (+ autotuning), each 
   python -m pipeline.bench "${WRN[@]}" --cudnn-benchmark --no-reference --out "$OUT/wrn_cudnn"
   python -m pipeline.bench "${WRN[@]}" --cudnn-benchmark --compile --warmup 10 --no-reference \
     --out "$OUT/wrn_compile"
+}
+stage_stable() {  # the fast-path comparison on configs that do not diverge: every method under gin/stable.gin
+  if [ -f gin/stable.gin ]; then
+    python -m pipeline.bench "${WRN[@]}" --profile stable --compare-fast-path --no-reference --out "$OUT/wrn_stable"
+  else
+    echo "gin/stable.gin not found: stage stable skipped"
+  fi
 }
 stage_prn18() {
   python -m pipeline.bench "${PRN[@]}" --out "$OUT/prn18_before"

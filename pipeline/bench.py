@@ -153,6 +153,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("on", "off"),
         "train the same steps with the fast path on and off",
     )
+    parser.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        help="a gin file (name in gin/ or path) applied after each method's config (e.g. stable); repeatable",
+    )
     parser.add_argument("--overrides", default="", help="extra ';'-separated gin bindings for every method")
     parser.add_argument("--eval-batch-size", type=int, default=64, help="PGD-20 / AutoAttack batch size")
     parser.add_argument("--eval-images", type=int, default=64, help="images attacked by PGD-20")
@@ -253,7 +259,7 @@ def method_overrides(
     GUIDE_BACKBONE): the second list holds the ones left out. ``fast_path`` False forces fp32/contiguous,
     True/None uses the command line's --amp and --channels-last.
     """
-    load_config(name)  # to learn which macros this config defines
+    load_config(method_spec(name, args))  # to learn which macros these configs define
     missing = object()
     wanted = [
         f"TARGET_BACKBONE = '{args.target}'",
@@ -275,6 +281,11 @@ def method_overrides(
         "Trainer.progress = False",
     ]
     return kept, skipped
+
+
+def method_spec(name: str, args: argparse.Namespace) -> str:
+    """The gin spec of one method: its config, then every ``--profile`` file (e.g. ``stable``)."""
+    return ",".join([name, *getattr(args, "profile", [])])
 
 
 def build_method(name: str, overrides: list[str]) -> Any:
@@ -644,7 +655,7 @@ def bench_method(
     from components.backbones import count_forward_flops
 
     overrides, skipped = method_overrides(name, args)
-    exp = build_method(name, overrides)
+    exp = build_method(method_spec(name, args), overrides)
     graph = exp.graph
     graph.to(device)
     shape = exp.data.image_shape
@@ -713,7 +724,7 @@ def bench_reference(
     from components.backbones import count_forward_flops
 
     overrides, _ = method_overrides(REFERENCE_METHOD, args, fast_path=False)
-    exp = build_method(REFERENCE_METHOD, overrides)
+    exp = build_method(method_spec(REFERENCE_METHOD, args), overrides)
     target, guide = exp.graph.models["target"].to(device), exp.graph.models["guide"].to(device)
     generator = exp.graph.generator
     shape = exp.data.image_shape
@@ -795,7 +806,7 @@ def compare_fast_path(
     runs = {}
     for label, fast in (("fast", None), ("plain", False)):
         overrides, _ = method_overrides(name, args, fast_path=fast)
-        exp = build_method(name, overrides)
+        exp = build_method(method_spec(name, args), overrides)
         optimizer, amp = prepare_fast_path(exp, device)
         scheduler, schedule = lr_scheduler_for(exp, optimizer, args.lr, args.steps)
         clip = getattr(exp.trainer, "grad_clip_norm", None)
@@ -912,6 +923,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- lr: {meta.get('lr', SCHEDULE)} (schedule: each config's own, stepped per iteration from step 1; "
         "a number: that fixed lr). Losses that went NaN/inf are marked NON-FINITE, never averaged",
         f"- peak TFLOP/s for the fraction: {meta['peak_tflops'] if meta['peak_tflops'] else 'not given'}",
+        f"- profiles: {', '.join(meta['args'].get('profile') or []) or 'none'}",
         f"- command: `{meta['command']}`",
         f"- timed: {meta['steps']} steps after {meta['warmup']} warm-up steps"
         + (
@@ -1009,7 +1021,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.config import resolve_gin_files
 
     for name in args.methods:
-        resolve_gin_files(name)  # an unknown method fails here, before minutes of work
+        resolve_gin_files(method_spec(name, args))  # an unknown method/profile fails here, before work
     argv = getattr(args, "argv", None)
     device = resolve_device(args.device)
     peak = (

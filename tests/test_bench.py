@@ -321,3 +321,17 @@ def test_loss_status_and_finite_mean():
     assert loss_status(rows[:1], ["loss", "a"])["text"] == "finite"
     with pytest.raises(ValueError, match="--lr must be"):
         parse_lr("fast")
+
+
+def test_profiles_apply_after_each_methods_config(tmp_path, capsys):
+    # gin/smoke.gin sets EPOCHS = 4 and 2,048 training images: the schedule is bound to that run.
+    argv = [*TINY_ARGS, "--methods", "pgd_at_cifar10", "--steps", "1", "--warmup", "0", "--no-reference"]
+    argv += ["--overrides", "ATTACK_STEPS = 2", "--profile", "smoke", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (row,) = report["methods"]
+    assert row["lr_schedule"] == "PaperStepSchedule (4 epochs of 256 steps)"  # 2,048 images / batch 8
+    assert row["batch"] == 8  # the command's bindings come after the profile
+    assert "- profiles: smoke" in (tmp_path / "bench.md").read_text()
+    assert main([*argv[:-2], "--profile", "no_such_profile"]) == 2
+    assert "unknown gin config 'no_such_profile'" in capsys.readouterr().err
