@@ -15,17 +15,27 @@ import torch
 
 
 class Schedule:
-    """Base: ``factor(step)`` for a run of ``epochs`` epochs of ``steps_per_epoch`` iterations."""
+    """Base: ``factor(step)`` for a run of ``epochs`` epochs of ``steps_per_epoch`` iterations.
+
+    ``bind(..., ramp_epochs=r)`` multiplies the schedule by a linear ramp from ``1/R`` to 1 over the first
+    ``R = r * steps_per_epoch`` iterations (a stabilizer, ``Trainer.lr_ramp_epochs``; 0, the papers' setting,
+    leaves every factor exactly as the schedule gives it). The ramp is a plain attribute so that the
+    scheduler's state_dict stays loadable with ``weights_only``.
+    """
 
     steps_per_epoch: int = 1
     epochs: int = 1
+    ramp_steps: int = 0
 
-    def bind(self, steps_per_epoch: int, epochs: int) -> Schedule:
+    def bind(self, steps_per_epoch: int, epochs: int, ramp_epochs: float = 0.0) -> Schedule:
         if steps_per_epoch < 1 or epochs < 1:
             raise ValueError(
                 f"schedule needs steps_per_epoch >= 1 and epochs >= 1, got {steps_per_epoch}, {epochs}"
             )
+        if not (isinstance(ramp_epochs, (int, float)) and ramp_epochs >= 0):
+            raise ValueError(f"lr ramp epochs must be a number >= 0, got {ramp_epochs!r}")
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.ramp_steps = int(round(ramp_epochs * steps_per_epoch))
         return self
 
     @property
@@ -33,6 +43,13 @@ class Schedule:
         return self.steps_per_epoch * self.epochs
 
     def __call__(self, step: int) -> float:
+        value = self.factor(step)
+        if step < self.ramp_steps:
+            value *= (step + 1) / self.ramp_steps
+        return value
+
+    def factor(self, step: int) -> float:
+        """The schedule's own multiplier of the base lr at iteration ``step`` (0-indexed)."""
         raise NotImplementedError
 
 
@@ -58,7 +75,7 @@ class PaperStepSchedule(Schedule):
         self.milestones, self.gamma = tuple(milestones), gamma
         self.milestone_epochs = tuple(milestone_epochs) if milestone_epochs is not None else None
 
-    def __call__(self, step: int) -> float:
+    def factor(self, step: int) -> float:
         epoch = step // self.steps_per_epoch + 1
         if epoch <= self.warmup_epochs:
             return self.warmup_factor
@@ -76,7 +93,7 @@ class MultiStepSchedule(Schedule):
     def __init__(self, milestones: tuple[float, ...] = (100 / 110, 105 / 110), gamma: float = 0.1) -> None:
         self.milestones, self.gamma = tuple(milestones), gamma
 
-    def __call__(self, step: int) -> float:
+    def factor(self, step: int) -> float:
         drops = sum(step >= int(m * self.total_steps) for m in self.milestones)
         return self.gamma**drops
 
@@ -88,7 +105,7 @@ class CosineSchedule(Schedule):
     def __init__(self, warmup_epochs: float = 0.0, final_factor: float = 0.0) -> None:
         self.warmup_epochs, self.final_factor = warmup_epochs, final_factor
 
-    def __call__(self, step: int) -> float:
+    def factor(self, step: int) -> float:
         warm = int(self.warmup_epochs * self.steps_per_epoch)
         if step < warm:
             return (step + 1) / warm
@@ -105,7 +122,7 @@ class OneCycleSchedule(Schedule):
             raise ValueError(f"OneCycleSchedule.peak must be in (0, 1), got {peak}")
         self.peak, self.start_factor = peak, start_factor
 
-    def __call__(self, step: int) -> float:
+    def factor(self, step: int) -> float:
         t = step / self.total_steps
         if t <= self.peak:
             return self.start_factor + (1 - self.start_factor) * t / self.peak
@@ -113,7 +130,11 @@ class OneCycleSchedule(Schedule):
 
 
 def make_lr_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: Schedule, steps_per_epoch: int, epochs: int
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    steps_per_epoch: int,
+    epochs: int,
+    ramp_epochs: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Wrap a schedule for an optimizer; call ``.step()`` once per iteration."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.bind(steps_per_epoch, epochs))
+    """Wrap a schedule (times an optional linear ramp) for an optimizer; ``.step()`` once per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.bind(steps_per_epoch, epochs, ramp_epochs))

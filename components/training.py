@@ -24,6 +24,7 @@ from components import distributed as dist
 from components.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from components.evaluation import robust_accuracy
 from components.graph import TrainingGraph
+from components.guard import DivergenceGuard, TrainingDivergedError
 from components.optim import sgd
 from components.schedules import PaperStepSchedule, Schedule, make_lr_scheduler
 
@@ -44,6 +45,10 @@ class TrainResult:
     best: dict[str, float] = field(default_factory=dict)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def resolve_auto(flag: bool | str, device: torch.device) -> bool:
     """A fast-path switch: ``'auto'`` means on CUDA only."""
     return device.type == "cuda" if flag == "auto" else bool(flag)
@@ -57,6 +62,17 @@ class Trainer:
     * ``channels_last``: NHWC memory format for convolutions (``'auto'`` = on CUDA).
     * ``compile``: ``torch.compile`` the models in place (state_dict keys unchanged).
     * ``val_steps``: PGD steps for ``val/pgd<k>_acc``, the model-selection metric (20 in the papers).
+
+    The divergence guard (always on; see ``components.guard``): a non-finite loss or loss term, a total loss
+    above ``max_loss`` (None: no bound) or non-finite weights stop the run with ``TrainingDivergedError``.
+    The record is read every ``check_every`` steps and before each epoch's validation and checkpoint, so
+    ``last.pt`` always holds the last good epoch.
+
+    Stabilizers, off by default because the papers do not use them (``gin/stable.gin`` turns them on):
+
+    * ``grad_clip_norm``: clip the global gradient norm over every trained model (one optimizer) to this
+      value before each step; the pre-clip norm is logged as ``train/grad_norm``.
+    * ``lr_ramp_epochs``: multiply the schedule by a linear ramp from ~0 to 1 over this many epochs.
     """
 
     def __init__(
@@ -70,14 +86,27 @@ class Trainer:
         val_steps: int = 20,
         seed: int = 0,
         progress: bool = True,
+        check_every: int = 10,
+        max_loss: float | None = None,
+        grad_clip_norm: float | None = None,
+        lr_ramp_epochs: float = 0.0,
     ) -> None:
         if not (isinstance(epochs, int) and epochs >= 1):
             raise ValueError(f"Trainer.epochs must be an integer >= 1, got {epochs!r}")
+        if not (isinstance(check_every, int) and not isinstance(check_every, bool) and check_every >= 1):
+            raise ValueError(f"Trainer.check_every must be an integer >= 1, got {check_every!r}")
+        for name, value in (("max_loss", max_loss), ("grad_clip_norm", grad_clip_norm)):
+            if value is not None and not (_is_number(value) and value > 0):
+                raise ValueError(f"Trainer.{name} must be a positive number or None, got {value!r}")
+        if not (_is_number(lr_ramp_epochs) and lr_ramp_epochs >= 0):
+            raise ValueError(f"Trainer.lr_ramp_epochs must be a number >= 0, got {lr_ramp_epochs!r}")
         self.epochs = epochs
         self.optimizer_fn = optimizer
         self.schedule = schedule if schedule is not None else PaperStepSchedule()
         self.amp, self.channels_last, self.compile = amp, channels_last, compile
         self.val_steps, self.seed, self.progress = val_steps, seed, progress
+        self.check_every, self.max_loss = check_every, max_loss
+        self.grad_clip_norm, self.lr_ramp_epochs = grad_clip_norm, lr_ramp_epochs
 
     @property
     def selection_metric(self) -> str:
@@ -102,6 +131,31 @@ class Trainer:
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def train_step(
+        self,
+        graph: TrainingGraph,
+        optimizer: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        device: torch.device,
+    ) -> dict[str, Any]:
+        """One optimizer step of the method: ``graph.step`` under autocast, backward, optional clipping, step.
+
+        Returns ``graph.step``'s outputs, plus ``grad_norm`` (the pre-clip global norm, on the device) when
+        ``grad_clip_norm`` is set. Shared by the epoch loop and the benchmarks, so they time and study the
+        step that training runs.
+        """
+        with self.autocast(device):
+            out = graph.step(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if self.grad_clip_norm is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm, foreach=True)
+            out["grad_norm"] = norm.detach()
+        optimizer.step()
+        return out
+
     def fit(
         self,
         graph: TrainingGraph,
@@ -125,7 +179,12 @@ class Trainer:
         loader = data.train_loader(rank, world)
         steps_per_epoch = len(loader)
         optimizer = self.optimizer_fn(graph.models)
-        scheduler = make_lr_scheduler(optimizer, self.schedule, steps_per_epoch, self.epochs)
+        scheduler = make_lr_scheduler(
+            optimizer, self.schedule, steps_per_epoch, self.epochs, ramp_epochs=self.lr_ramp_epochs
+        )
+        guard = DivergenceGuard(
+            list(graph.loss.terms), device, steps_per_epoch, self.check_every, self.max_loss
+        )
         start_epoch, history, best = 0, [], {self.selection_metric: -math.inf, "epoch": 0}
         if resume_from is not None:
             state = load_checkpoint(resume_from, map_location=device)
@@ -143,7 +202,9 @@ class Trainer:
             start_epoch, history, best = state["epoch"], list(state["history"]), dict(state["best"])
 
         for epoch in range(start_epoch + 1, self.epochs + 1):
-            metrics = self._train_epoch(graph, loader, optimizer, scheduler, device, epoch, should_stop)
+            metrics = self._train_epoch(
+                graph, loader, optimizer, scheduler, device, epoch, should_stop, guard
+            )
             if rank == 0:
                 # Validation on rank 0 only; the other ranks wait in the gather below.
                 t_val = time.perf_counter()
@@ -186,11 +247,14 @@ class Trainer:
         device: torch.device,
         epoch: int,
         should_stop: Callable[[], bool] | None,
+        guard: DivergenceGuard,
     ) -> dict[str, float]:
         graph.train()
         term_names = list(graph.loss.terms)
         # [total loss, each term, clean correct, adv correct], summed over examples, on the device.
         sums = torch.zeros(len(term_names) + 3, dtype=torch.float64, device=device)
+        grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        step = (epoch - 1) * len(loader)  # global step, 1-indexed once incremented
         seen = 0
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
@@ -211,20 +275,25 @@ class Trainer:
                 )
             if distributed:
                 dist.broadcast_buffers(graph.models)
-            with self.autocast(device):
-                out = graph.step(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
+            out = self.train_step(graph, optimizer, x, y, device)
+            if "grad_norm" in out:
+                grad_norm_sum += out["grad_norm"].double()
             scheduler.step()
+            step += 1
             b = y.shape[0]
             stats = torch.stack(
                 [out["loss"].detach().float(), *(out["parts"][n].detach().float() for n in term_names)]
             )
+            guard.update(stats, step)
+            if guard.due(step):
+                self._check(guard, epoch, device)
             sums[: len(term_names) + 1] += stats.double() * b
             sums[-2] += (out["clean_logits"].argmax(1) == y).sum()
             sums[-1] += (out["adv_logits"].argmax(1) == y).sum()
             seen += b
+        # Before validation and the checkpoint: a diverged epoch never becomes last.pt or best.pt.
+        self._check(guard, epoch, device)
+        guard.check_parameters(graph.models.items(), epoch, step)
         if distributed:
             sums = dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([seen])]))
             sums, seen = sums[:-1], int(sums[-1].item())
@@ -241,4 +310,26 @@ class Trainer:
                 "epoch_time_s": train_time,
             }
         )
+        if self.grad_clip_norm is not None:
+            metrics["train/grad_norm"] = grad_norm_sum.item() / max(len(loader), 1)
         return metrics
+
+    @staticmethod
+    def _check(guard: DivergenceGuard, epoch: int, device: torch.device) -> None:
+        """Read the guard; under torchrun every rank stops together when one has diverged."""
+        if not dist.is_distributed():
+            guard.check(epoch)
+            return
+        try:
+            guard.check(epoch)
+        except TrainingDivergedError:
+            dist.any_rank(True, device)
+            raise
+        if dist.any_rank(False, device):
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch} on another rank (see its error)",
+                epoch=epoch,
+                step=0,
+                term="loss",
+                value=math.nan,
+            )

@@ -35,6 +35,8 @@ def start_run(experiment_name: str, run_id: str | None = None) -> mlflow.ActiveR
 
 
 STARTED_TAG = "robustflow.experiment"
+# Why a run ended FAILED, in words a person can act on (e.g. the divergence guard's message).
+FAILURE_TAG = "robustflow.failure"
 
 
 def run_was_started(run_id: str) -> bool:

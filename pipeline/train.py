@@ -38,6 +38,7 @@ from pipeline.config import (
 from pipeline.plots import training_curves
 from pipeline.registry import log_model, model_card, register
 from pipeline.tracking import (
+    FAILURE_TAG,
     STARTED_TAG,
     configure_tracking,
     fetch_resume_checkpoint,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from components.experiment import Experiment
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3  # training stopped by the divergence guard: the run is FAILED and nothing is registered
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a terminated job
 
 
@@ -108,6 +110,7 @@ class _StopFlag:
 def main(argv: list[str] | None = None) -> int:
     """Run the entry point; returns the process exit code."""
     from components.data import DataNotFoundError
+    from components.guard import TrainingDivergedError
     from components.training import TrainingInterruptedError
 
     args = parse_args(argv)
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except TrainingInterruptedError:
         return EXIT_TERMINATED
+    except TrainingDivergedError:
+        return EXIT_DIVERGED
     return 0
 
 
@@ -153,6 +158,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
 
 def _follow(exp: Experiment, output_dir: str, stop: Callable[[], bool]) -> int:
     """A rank > 0 under torchrun: train in step with rank 0, which alone talks to MLflow."""
+    from components.guard import TrainingDivergedError
     from components.training import TrainingInterruptedError
 
     run_id, resume_from = dist.broadcast_object(None)
@@ -162,6 +168,8 @@ def _follow(exp: Experiment, output_dir: str, stop: Callable[[], bool]) -> int:
         )
     except TrainingInterruptedError:
         return EXIT_TERMINATED
+    except TrainingDivergedError:
+        return EXIT_DIVERGED
     return 0
 
 
@@ -181,8 +189,11 @@ def train_experiment(
 
     ``on_epoch`` sees each epoch's metrics after they are logged (Optuna reports and prunes there: it may
     raise to stop the run, which then ends FAILED unless the caller's exception says otherwise).
+    A run that diverges (``TrainingDivergedError``) ends FAILED with the guard's message as the
+    ``robustflow.failure`` tag, registers nothing, and the error propagates.
     Returns the run id, the best validation score, the test metrics and the registered version.
     """
+    from components.guard import TrainingDivergedError
     from components.training import TrainingInterruptedError
 
     model_name = macro("MODEL_NAME", loaded.experiment)
@@ -227,6 +238,16 @@ def train_experiment(
         except TrainingInterruptedError as err:
             print(f"robustflow: {err}. Resume with --run-id {run_id}", file=sys.stderr)
             mlflow.end_run(status="KILLED")
+            raise
+        except TrainingDivergedError as err:
+            print(
+                f"robustflow: error: {err}. The run is marked FAILED and nothing is registered; "
+                f"last.pt holds the last good epoch. Stabilizers: append the 'stable' profile "
+                f"(e.g. --gin {gin_spec},stable), see docs/stability.md",
+                file=sys.stderr,
+            )
+            mlflow.set_tags({FAILURE_TAG: str(err)[:5000], "robustflow.diverged": "true"})
+            mlflow.end_run(status="FAILED")
             raise
         mlflow.log_text(gin.operative_config_str(), "config/operative.gin")
         selection = exp.trainer.selection_metric

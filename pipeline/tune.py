@@ -794,6 +794,7 @@ class Tuner:
         import optuna
         import torch
 
+        from components.guard import TrainingDivergedError
         from components.training import TrainingInterruptedError
         from pipeline.train import build, train_experiment
 
@@ -821,6 +822,11 @@ class Tuner:
         except KeyboardInterrupt:
             note = "worker interrupted (Ctrl-C)"
             return _Outcome("FAIL", run_id=hooks.run_id, note=note, requeue=True, interrupted=True)
+        except TrainingDivergedError as err:
+            # Not queued again: the same parameters would diverge the same way. The study goes on.
+            error = f"diverged: {err}"[:1000]
+            trial.set_user_attr("error", error)
+            return _Outcome("FAIL", run_id=hooks.run_id, note=error)
         except Exception as err:
             traceback.print_exc()
             error = f"{type(err).__name__}: {err}"[:1000]

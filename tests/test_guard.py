@@ -1,0 +1,220 @@
+"""The divergence guard: a run whose loss goes non-finite stops, ends FAILED and is never registered.
+
+A loss term rigged to go NaN at a chosen step (``NaNFromStep``, registered with gin here) stands in for a
+real divergence, so the step, the epoch and the term named in the error are known exactly.
+"""
+
+import math
+from pathlib import Path
+
+import gin
+import mlflow
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from components.checkpoint import load_checkpoint
+from components.guard import DivergenceGuard, TrainingDivergedError
+from components.losses import Term
+from components.training import Trainer
+from pipeline.registry import CHAMPION
+from pipeline.train import EXIT_DIVERGED, main
+from pipeline.tune import main as tune_main
+
+
+@gin.configurable
+class NaNFromStep(Term):
+    """0 times the mean of a view until the ``step``-th call, then NaN (its gradient reaches the model)."""
+
+    fired = False  # with once=True, only the first instance (in this process) to reach ``step`` goes NaN
+
+    def __init__(self, view: str = "guide(x)", step: int = 3, once: bool = False) -> None:
+        (self.view,) = self._register(view)
+        self.step, self.once, self.calls, self.firing = step, once, 0, False
+
+    def __call__(self, views, y):
+        self.calls += 1
+        zero = views[self.view].float().mean() * 0
+        if self.calls < self.step or (self.once and NaNFromStep.fired and not self.firing):
+            return zero
+        self.firing = NaNFromStep.fired = True
+        return zero + math.nan
+
+
+# smoke + tiny sizes: 256 training images in batches of 64, i.e. 4 steps per epoch.
+TINY = (
+    "DataModule.train_size = 256; DataModule.val_size = 64; DataModule.test_size = 64; BATCH_SIZE = 64; "
+    "Trainer.progress = False; ATTACK_STEPS = 1"
+)
+
+
+def rigged(step: int, once: bool = False) -> str:
+    """Overrides adding the NaN term to D2R's loss at ``step`` (global, 1-indexed)."""
+    return (
+        "WeightedLoss.terms = {'ce_guide': (1.0, @ce_guide/CrossEntropy()), 'mse': (1.0, @mse/MSE()), "
+        "'rigged': (1.0, @NaNFromStep())}; "
+        f"NaNFromStep.step = {step}; NaNFromStep.once = {once}"
+    )
+
+
+# -- the guard itself -----------------------------------------------------------------------------------
+
+
+def test_the_guard_names_the_step_and_the_first_term_that_went_bad():
+    guard = DivergenceGuard(["ce", "mse", "kl"], torch.device("cpu"), steps_per_epoch=5, check_every=10)
+    for step in range(1, 7):
+        guard.update(torch.tensor([2.0, 1.0, 1.0, 0.0]), step)
+    guard.check(epoch=2)  # all finite: nothing raised
+    # Step 7: the total and the last two terms go bad; the first term in the loss's order is named.
+    guard.update(torch.tensor([math.inf, 1.0, math.inf, math.nan]), 7)
+    guard.update(torch.tensor([math.nan, math.nan, math.nan, math.nan]), 8)
+    with pytest.raises(TrainingDivergedError) as err:
+        guard.check(epoch=2)
+    assert (err.value.epoch, err.value.step, err.value.term) == (2, 7, "mse")
+    assert math.isinf(err.value.value)
+    assert "epoch 2 at step 7 (step 2 of 5 in the epoch)" in str(err.value)
+    assert "'mse' is non-finite" in str(err.value)
+
+
+def test_max_loss_bounds_the_total_and_is_off_by_default():
+    stats = torch.tensor([1e6, 1.0])
+    unbounded = DivergenceGuard(["ce"], torch.device("cpu"), steps_per_epoch=10)
+    unbounded.update(stats, 1)
+    unbounded.check(epoch=1)
+    bounded = DivergenceGuard(["ce"], torch.device("cpu"), steps_per_epoch=10, max_loss=100.0)
+    bounded.update(torch.tensor([50.0, 1.0]), 1)
+    bounded.update(stats, 2)
+    with pytest.raises(TrainingDivergedError, match="'loss' exceeds max_loss=100") as err:
+        bounded.check(epoch=1)
+    assert err.value.step == 2 and err.value.term == "loss"
+
+
+def test_the_record_is_read_only_every_k_steps():
+    guard = DivergenceGuard(["ce"], torch.device("cpu"), steps_per_epoch=100, check_every=25)
+    assert [s for s in range(1, 101) if guard.due(s)] == [25, 50, 75, 100]
+
+
+def test_non_finite_weights_are_named_by_model():
+    guard = DivergenceGuard(["ce"], torch.device("cpu"), steps_per_epoch=4)
+    good, bad = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        bad.weight[0, 0] = math.nan
+    guard.check_parameters([("target", good)], epoch=1, step=4)
+    with pytest.raises(TrainingDivergedError, match="the guide model has non-finite weights"):
+        guard.check_parameters([("target", good), ("guide", bad)], epoch=1, step=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"check_every": 0},
+        {"check_every": 2.5},
+        {"max_loss": -1.0},
+        {"grad_clip_norm": 0.0},
+        {"lr_ramp_epochs": -1},
+    ],
+)
+def test_bad_guard_and_stabilizer_settings_fail_at_construction(kwargs):
+    with pytest.raises(ValueError, match="Trainer\\."):
+        Trainer(epochs=1, **kwargs)
+
+
+# -- through the train entry point and a real MLflow store --------------------------------------------
+
+
+def test_a_diverged_run_ends_failed_unregistered_and_keeps_its_last_good_epoch(
+    shared_data, mlflow_store, capsys
+):
+    base = ["--gin", "d2r_cag_cifar10,smoke", "--device", "cpu"]
+    assert main([*base, "--overrides", f"EPOCHS = 2; {TINY}"]) == 0  # a good run: version 1, champion
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("d2r_cag_cifar10", CHAMPION).version) == "1"
+    capsys.readouterr()
+
+    # NaN at global step 7 = epoch 2, step 3 of 4; read at the end of epoch 2 (check_every 10 > 4 steps).
+    code = main([*base, "--overrides", f"EPOCHS = 3; {TINY}; {rigged(7)}"])
+    assert code == EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "training diverged in epoch 2 at step 7 (step 3 of 4 in the epoch): loss term 'rigged'" in err
+    assert "nothing is registered" in err and "Traceback" not in err
+
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["start_time"])
+    diverged = runs[-1]
+    assert diverged.info.status == "FAILED"
+    assert (
+        "step 7" in diverged.data.tags["robustflow.failure"]
+        and "'rigged'" in diverged.data.tags["robustflow.failure"]
+    )
+    # Epoch 1 was logged; epoch 2 (which diverged) was not; no test metrics.
+    assert [m.step for m in client.get_metric_history(diverged.info.run_id, "train/loss")] == [1]
+    assert not any(k.startswith("test/") for k in diverged.data.metrics)
+    # Nothing registered, champion unchanged.
+    versions = client.search_model_versions("name='d2r_cag_cifar10'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias("d2r_cag_cifar10", CHAMPION).version) == "1"
+    # last.pt is epoch 1's, with finite weights, locally and as the run's artifact.
+    local = load_checkpoint(Path.cwd() / "outputs" / diverged.info.run_id / "last.pt")  # cwd: tmp_path
+    assert local["epoch"] == 1
+    for state in local["models"].values():
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    artifact = mlflow.artifacts.download_artifacts(
+        run_id=diverged.info.run_id, artifact_path="checkpoints/last.pt"
+    )
+    assert load_checkpoint(artifact)["epoch"] == 1
+
+
+def test_detection_within_check_every_steps(shared_data, mlflow_store, capsys):
+    # 2,048 images in batches of 64: 32 steps per epoch. NaN at step 3, read at step 5 (check_every 5),
+    # long before the epoch ends: the error comes at step 5 and names step 3.
+    code = main(
+        [
+            "--gin",
+            "d2r_cag_cifar10,smoke",
+            "--device",
+            "cpu",
+            "--overrides",
+            "EPOCHS = 1; BATCH_SIZE = 64; DataModule.train_size = 2048; DataModule.val_size = 64; "
+            f"Trainer.progress = False; ATTACK_STEPS = 1; Trainer.check_every = 5; {rigged(3)}",
+        ]
+    )
+    assert code == EXIT_DIVERGED
+    assert "epoch 1 at step 3 (step 3 of 32 in the epoch)" in capsys.readouterr().err
+
+
+def test_a_diverged_optuna_trial_fails_and_the_study_goes_on(shared_data, mlflow_store, tmp_path):
+    NaNFromStep.fired = False
+    overrides = f"EPOCHS = 1; {TINY}; {rigged(2, once=True)}"
+    code = tune_main(
+        [
+            "--gin",
+            "d2r_cag_cifar10,smoke",
+            "--overrides",
+            overrides,
+            "--device",
+            "cpu",
+            "--seed",
+            "0",
+            "--n-trials",
+            "2",
+            "--pruner",
+            "none",
+        ]
+    )
+    assert code == 0
+    study = optuna.load_study(
+        study_name="d2r_cag_cifar10-smoke-robust", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    )
+    states = sorted((t.number, t.state) for t in study.trials)
+    # Trial 0 diverged (failed, not retried: the same parameters would diverge again); the study went on
+    # until two trials finished.
+    assert states[0] == (0, TrialState.FAIL)
+    assert "diverged" in study.trials[0].user_attrs["error"]
+    assert [s for _, s in states].count(TrialState.COMPLETE) == 2
+    failed = [
+        r
+        for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+        if r.data.tags.get("optuna.trial_number") == "0"
+    ]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert "diverged" in failed[0].data.tags["robustflow.failure"]
