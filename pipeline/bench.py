@@ -406,31 +406,32 @@ def train_steps(
     timer: StepTimer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     lrs: list[float] | None = None,
-    grad_clip_norm: float | None = None,
+    trainer: Any = None,
 ) -> list[Tensor]:
-    """``Trainer``'s inner loop: step under autocast, zero_grad, backward, (clip,) optimizer step, scheduler
-    step, stats on device.
+    """``Trainer``'s inner loop: ``trainer.train_step`` (the step ``Trainer.fit`` runs: autocast, backward,
+    the trainer's gradient clipping, optimizer step), the scheduler step, stats on device. Without a
+    trainer: ``graph.step`` under autocast (``amp``), backward, optimizer step.
 
     Returns one row per step, ``[loss, *parts (in term order), clean acc, adv acc]``, still on the device
     (the caller reads them once, as the Trainer does once per epoch). ``lrs`` collects the lr of the first
     parameter group each step ran at (a host-side float: no sync).
     """
     rows = []
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     if timer is not None:
         timer.mark()
     term_names = list(graph.loss.terms)
     for x, y, _ in batches:
         device = x.device
-        with _autocast(amp, device):
-            out = graph.step(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip_norm, foreach=True)
         if lrs is not None:
             lrs.append(float(optimizer.param_groups[0]["lr"]))
-        optimizer.step()
+        if trainer is not None:
+            out = trainer.train_step(graph, optimizer, x, y, device)
+        else:
+            with _autocast(amp, device):
+                out = graph.step(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         rows.append(
@@ -481,7 +482,6 @@ def bench_training(
     graph = exp.graph
     optimizer, amp = prepare_fast_path(exp, device)
     scheduler, schedule = lr_scheduler_for(exp, optimizer, lr, warmup + steps)
-    clip = getattr(exp.trainer, "grad_clip_norm", None)
     lrs: list[float] = []
     batch_size = exp.data.batch_size
     batches = iter(_loader(images, labels, batch_size, exp.data, seed))
@@ -492,7 +492,7 @@ def bench_training(
     warm_rows = []
     if warmup:
         warm_rows = train_steps(
-            graph, optimizer, (next(batches) for _ in range(warmup)), amp, None, scheduler, lrs, clip
+            graph, optimizer, (next(batches) for _ in range(warmup)), amp, None, scheduler, lrs, exp.trainer
         )
         torch.stack(warm_rows).tolist()  # wait for the warm-up steps (a read, as the Trainer's epoch end)
     _sync(device)
@@ -500,7 +500,7 @@ def bench_training(
     graphs_warm = _compiled_graphs()
     timer = StepTimer(device)
     rows = train_steps(
-        graph, optimizer, (next(batches) for _ in range(steps)), amp, timer, scheduler, lrs, clip
+        graph, optimizer, (next(batches) for _ in range(steps)), amp, timer, scheduler, lrs, exp.trainer
     )
     timed = torch.stack(rows).cpu()  # the one host read, as the Trainer's per-epoch sync
     _sync(device)
@@ -809,14 +809,14 @@ def compare_fast_path(
         exp = build_method(method_spec(name, args), overrides)
         optimizer, amp = prepare_fast_path(exp, device)
         scheduler, schedule = lr_scheduler_for(exp, optimizer, args.lr, args.steps)
-        clip = getattr(exp.trainer, "grad_clip_norm", None)
         lrs: list[float] = []
         exp.graph.train()
         torch.manual_seed(args.seed)  # the attack's random init draws from the global generator
         loader = _loader(*data["train"], exp.data.batch_size, exp.data, args.seed)
         batches = iter(loader)
         steps = (next(batches) for _ in range(args.steps))
-        rows = torch.stack(train_steps(exp.graph, optimizer, steps, amp, None, scheduler, lrs, clip)).tolist()
+        done = train_steps(exp.graph, optimizer, steps, amp, None, scheduler, lrs, exp.trainer)
+        rows = torch.stack(done).tolist()
         terms = ["loss", *exp.graph.loss.terms]
         status = loss_status(rows, terms)
         values: dict[str, float] = {}

@@ -27,6 +27,7 @@ from components.experiment import experiment
 from pipeline.bench import (
     COLUMNS,
     DEFAULT_METHODS,
+    bench_training,
     flops_per_image,
     graph_pass_counts,
     main,
@@ -291,6 +292,26 @@ def test_bench_steps_follow_each_configs_schedule_or_a_stated_fixed_lr(name, fir
     scheduler, what = lr_scheduler_for(exp, optimizer, 0.05, total_steps=5)
     assert scheduler is None and what == "fixed 0.05"
     assert {g["lr"] for g in optimizer.param_groups} == {0.05}
+
+
+def test_bench_steps_are_the_trainers_steps_with_its_clipping_and_lr_ramp():
+    # gin/stable.gin's kind of switches: the bench must time and report the step Trainer.fit runs.
+    images, labels = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (24,))
+    cpu = torch.device("cpu")
+    exp = _build("pgd_at_cifar10", ["BATCH_SIZE = 8", "Trainer.lr_ramp_epochs = 1.0"])
+    row = bench_training(exp, images, labels, 2, 1, cpu, 0)
+    spe = epoch_steps(exp.data)  # the ramp runs over one real epoch: 1/spe, 2/spe, 3/spe of 0.02
+    assert row["lr_each"] == pytest.approx([0.02 * k / spe for k in (1, 2, 3)])
+    assert "lr ramp 1 epochs" in row["lr_schedule"]
+
+    def moved(clip):
+        exp = _build("pgd_at_cifar10", ["BATCH_SIZE = 8", f"Trainer.grad_clip_norm = {clip}"])
+        before = [p.detach().clone() for p in exp.graph.target.parameters()]
+        bench_training(exp, images, labels, 2, 1, cpu, 0, lr=1.0)
+        return max((p - q).abs().max().item() for p, q in zip(exp.graph.target.parameters(), before))
+
+    # At lr 1, a gradient clipped to norm 1e-9 leaves weight decay (2e-4 x w per step) to move the weights.
+    assert moved(1e-9) < 1e-2 < moved(None)
 
 
 def test_bench_marks_non_finite_losses_and_refuses_to_compare_nan_runs(tmp_path):

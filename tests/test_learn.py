@@ -126,3 +126,12 @@ def test_learned_means_above_chance_by_two_standard_errors():
     # The last epoch decides (0.13 < 0.1375), not the best one (0.14): a max over noisy epochs flatters.
     assert (summary["clean_above_chance"], summary["pgd_above_chance"]) == (True, False)
     assert (summary["best_val_pgd"], summary["best_epoch"]) == (0.14, 1)
+
+
+def test_the_trainers_divergence_guard_shows_as_diverged(shared_data, tmp_path):
+    # An absurd lr: the real guard in Trainer.fit stops the run at step 2; the check records it.
+    argv = [*TINY, "--methods", "pgd_at_cifar10", "--overrides", "sgd.lr = 1e30", "--out", str(tmp_path)]
+    assert learn.main(argv) == 1
+    (summary,) = json.loads((tmp_path / "learn.json").read_text())["summary"]
+    assert summary["status"] == "DIVERGED" and summary["epochs_run"] == 0
+    assert "diverged in epoch 1 at step 2" in summary["message"] and "ce_adv" in summary["message"]
