@@ -199,6 +199,7 @@ def run_reference(
     step_size: float = 0.007,
     num_workers: int | None = None,
     seed: int = 1,
+    lr: float = 0.1,
 ) -> dict[str, Any]:
     """Train ``target`` and ``guide`` with the reference loop for ``warmup + steps`` batches; time ``steps``.
 
@@ -207,7 +208,8 @@ def run_reference(
     trained in place (moved to ``device``). Returns images/s and seconds per step over the timed steps
     (data loading included, as in the script), each timed step's milliseconds, the
     per-batch logged losses, the last step's unweighted loss parts, and peak memory (see
-    :func:`peak_memory_mib`).
+    :func:`peak_memory_mib`). ``lr`` is fixed for every step (the script sets 0.02 for its first epoch
+    and 0.1 from the second).
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -229,7 +231,7 @@ def run_reference(
     guide.to(device).train()
     optimizer = torch.optim.SGD(
         [{"params": target.parameters()}, {"params": guide.parameters()}],
-        lr=0.1,
+        lr=lr,
         momentum=0.9,
         weight_decay=2e-4,
     )

@@ -2,6 +2,7 @@
 much faster D2R-CAG runs here than the authors' loop on the same machine.
 
     python -m pipeline.bench --threads 1         # tiny CPU defaults: small_cnn, batch 32, 3 steps
+    python -m pipeline.bench --learn --threads 1 # the learning check instead (pipeline/learn.py)
     python -m pipeline.bench --target wrn34_10 --guide resnet18_lbgat --batch-size 128 --steps 20 \\
         --warmup 5 --eval-images 1024 --eval-batch-size 256 --autoattack --aa-images 256 \\
         --compare-fast-path --out bench_gpu --mlflow                                    # H100 / H200
@@ -48,6 +49,7 @@ import gc
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import sys
@@ -63,8 +65,8 @@ from torch import Tensor, nn
 
 from benchmarks.reference_d2r import peak_memory_mib, reference_flop_counts, run_reference
 from components.training import resolve_auto
-from pipeline.config import ConfigError, load_config, macro
-from pipeline.train import resolve_device
+from pipeline.bench_health import SCHEDULE, finite_mean, loss_status, lr_scheduler_for, lr_span, parse_lr
+from pipeline.config import ConfigError, load_config, macro, resolve_device
 
 DEFAULT_METHODS = ("d2r_cag_cifar10", "lbgat_cifar10", "trades_cifar10", "pgd_at_cifar10", "regmix_cifar10")
 # The method the authors' loop (benchmarks/reference_d2r.py) reproduces.
@@ -81,6 +83,7 @@ COLUMNS = (
     ("target", "target"),
     ("guide", "guide"),
     ("batch", "batch"),
+    ("lr_span", "lr"),
     ("train_images_per_s", "train img/s"),
     ("step_ms", "ms/step"),
     ("median_step_ms", "median ms/step"),
@@ -91,6 +94,7 @@ COLUMNS = (
     ("pgd20_images_per_s", "PGD-20 eval img/s"),
     ("aa_images_per_s", "AA img/s"),
     ("speedup_vs_reference", "speed-up vs reference"),
+    ("loss_status", "losses"),
 )
 
 
@@ -121,12 +125,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=1, help="time every method this often, interleaved; report medians"
     )
+    parser.add_argument(
+        "--lr",
+        default=SCHEDULE,
+        help="'schedule' (default): each config's own schedule from its first step, stepped per iteration as "
+        "Trainer.fit does (the warm-up lr of LBGAT/D2R); or a number: that fixed lr for every step",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     _add_switch(parser, "amp", "auto", ("auto", "on", "off"), "bf16 autocast (Trainer.amp); auto = on CUDA")
     _add_switch(
         parser, "channels-last", "auto", ("auto", "on", "off"), "NHWC (Trainer.channels_last); auto = CUDA"
     )
     _add_switch(parser, "compile", "off", ("on", "off"), "torch.compile the models (Trainer.compile)")
+    _add_switch(
+        parser,
+        "cudnn-benchmark",
+        "off",
+        ("on", "off"),
+        "cuDNN autotuning (experiment.cudnn_benchmark; CUDA only; the warm-up steps cover the tuning)",
+    )
     _add_switch(parser, "reference", "on", ("on", "off"), "also time the authors' D2R loop")
     _add_switch(parser, "autoattack", "off", ("on", "off"), "also time AutoAttack 'standard' (slow on CPU)")
     _add_switch(
@@ -135,6 +152,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "off",
         ("on", "off"),
         "train the same steps with the fast path on and off",
+    )
+    parser.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        help="a gin file (name in gin/ or path) applied after each method's config (e.g. stable); repeatable",
     )
     parser.add_argument("--overrides", default="", help="extra ';'-separated gin bindings for every method")
     parser.add_argument("--eval-batch-size", type=int, default=64, help="PGD-20 / AutoAttack batch size")
@@ -156,6 +179,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="data root (default: $ROBUSTFLOW_DATA, ./data)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--learn",
+        action="store_true",
+        help="run the learning check instead (python -m pipeline.learn; its options follow, see its --help)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 on a shared CPU)"
     )
     parser.add_argument("--out", default=None, help="folder for bench.md and bench.json")
@@ -163,6 +191,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mlflow", action="store_true", help="log bench.md, bench.json and metrics to MLflow"
     )
     args = parser.parse_args(argv)
+    try:
+        args.lr = parse_lr(args.lr)
+    except ValueError as err:
+        parser.error(str(err))
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.methods:
         parser.error("--methods is empty")
@@ -227,7 +259,7 @@ def method_overrides(
     GUIDE_BACKBONE): the second list holds the ones left out. ``fast_path`` False forces fp32/contiguous,
     True/None uses the command line's --amp and --channels-last.
     """
-    load_config(name)  # to learn which macros this config defines
+    load_config(method_spec(name, args))  # to learn which macros these configs define
     missing = object()
     wanted = [
         f"TARGET_BACKBONE = '{args.target}'",
@@ -245,9 +277,15 @@ def method_overrides(
         f"Trainer.amp = {_GIN_SWITCH[amp]}",
         f"Trainer.channels_last = {_GIN_SWITCH[channels_last]}",
         f"Trainer.compile = {_GIN_SWITCH[args.compile]}",
+        f"experiment.cudnn_benchmark = {_GIN_SWITCH[args.cudnn_benchmark]}",
         "Trainer.progress = False",
     ]
     return kept, skipped
+
+
+def method_spec(name: str, args: argparse.Namespace) -> str:
+    """The gin spec of one method: its config, then every ``--profile`` file (e.g. ``stable``)."""
+    return ",".join([name, *getattr(args, "profile", [])])
 
 
 def build_method(name: str, overrides: list[str]) -> Any:
@@ -366,11 +404,17 @@ def train_steps(
     batches: Iterable[tuple[Tensor, Tensor, Tensor]],
     amp: bool,
     timer: StepTimer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    lrs: list[float] | None = None,
+    trainer: Any = None,
 ) -> list[Tensor]:
-    """``Trainer``'s inner loop: step under autocast, zero_grad, backward, optimizer step, stats on device.
+    """``Trainer``'s inner loop: ``trainer.train_step`` (the step ``Trainer.fit`` runs: autocast, backward,
+    the trainer's gradient clipping, optimizer step), the scheduler step, stats on device. Without a
+    trainer: ``graph.step`` under autocast (``amp``), backward, optimizer step.
 
     Returns one row per step, ``[loss, *parts (in term order), clean acc, adv acc]``, still on the device
-    (the caller reads them once, as the Trainer does once per epoch).
+    (the caller reads them once, as the Trainer does once per epoch). ``lrs`` collects the lr of the first
+    parameter group each step ran at (a host-side float: no sync).
     """
     rows = []
     if timer is not None:
@@ -378,11 +422,18 @@ def train_steps(
     term_names = list(graph.loss.terms)
     for x, y, _ in batches:
         device = x.device
-        with _autocast(amp, device):
-            out = graph.step(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
+        if lrs is not None:
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
+        if trainer is not None:
+            out = trainer.train_step(graph, optimizer, x, y, device)
+        else:
+            with _autocast(amp, device):
+                out = graph.step(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         rows.append(
             torch.stack(
                 [
@@ -414,23 +465,44 @@ def _loader(images: Tensor, labels: Tensor, batch_size: int, data: Any, seed: in
 
 
 def bench_training(
-    exp: Any, images: Tensor, labels: Tensor, steps: int, warmup: int, device: torch.device, seed: int
+    exp: Any,
+    images: Tensor,
+    labels: Tensor,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    seed: int,
+    lr: str | float = SCHEDULE,
 ) -> dict[str, Any]:
-    """Train ``warmup`` then ``steps`` batches through the real step; time the ``steps`` (device-synced)."""
+    """Train ``warmup`` then ``steps`` batches through the real step; time the ``steps`` (device-synced).
+
+    The lr follows the config's schedule from its first step (``lr='schedule'``) or is fixed at ``lr``;
+    losses are reported as non-finite (with the first bad step and term) rather than averaged into NaN.
+    """
     graph = exp.graph
     optimizer, amp = prepare_fast_path(exp, device)
+    scheduler, schedule = lr_scheduler_for(exp, optimizer, lr, warmup + steps)
+    lrs: list[float] = []
     batch_size = exp.data.batch_size
     batches = iter(_loader(images, labels, batch_size, exp.data, seed))
     graph.train()
     _free(device)
+    graphs_before = _compiled_graphs()
     t0 = time.perf_counter()
+    warm_rows = []
     if warmup:
-        torch.stack(train_steps(graph, optimizer, (next(batches) for _ in range(warmup)), amp)).tolist()
+        warm_rows = train_steps(
+            graph, optimizer, (next(batches) for _ in range(warmup)), amp, None, scheduler, lrs, exp.trainer
+        )
+        torch.stack(warm_rows).tolist()  # wait for the warm-up steps (a read, as the Trainer's epoch end)
     _sync(device)
     t1 = time.perf_counter()
+    graphs_warm = _compiled_graphs()
     timer = StepTimer(device)
-    rows = train_steps(graph, optimizer, (next(batches) for _ in range(steps)), amp, timer)
-    values = torch.stack(rows).mean(0).tolist()  # the one host read, as the Trainer's per-epoch sync
+    rows = train_steps(
+        graph, optimizer, (next(batches) for _ in range(steps)), amp, timer, scheduler, lrs, exp.trainer
+    )
+    timed = torch.stack(rows).cpu()  # the one host read, as the Trainer's per-epoch sync
     _sync(device)
     elapsed = time.perf_counter() - t1
     step_ms = timer.durations_ms()
@@ -444,7 +516,36 @@ def bench_training(
         "amp": amp,
         "channels_last": resolve_auto(exp.trainer.channels_last, device),
         "compile": bool(exp.trainer.compile),
-        "losses": dict(zip(["loss", *graph.loss.terms], values[:-2])),
+        # torch.compile: graphs dynamo compiled during the warm-up steps (both BN modes, grad modes) and
+        # during the timed steps, which should be none: a recompile there is a per-step cost.
+        "compiled_graphs_warmup": graphs_warm - graphs_before,
+        "compiled_graphs_timed": _compiled_graphs() - graphs_warm,
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "lr_schedule": schedule,
+        "lr_each": lrs,
+        "lr_span": lr_span(lrs),
+        **_loss_report(warm_rows, timed, ["loss", *graph.loss.terms]),
+    }
+
+
+def _compiled_graphs() -> int:
+    """Graphs ``torch._dynamo`` has compiled in this process so far (0 when nothing was compiled)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _loss_report(warm_rows: list[Tensor], timed: Tensor, names: list[str]) -> dict[str, Any]:
+    """``losses`` (means over the timed steps; None for a term that went non-finite) and the status of
+    every step run, warm-up included (step 1 = the first warm-up step)."""
+    every = torch.cat([torch.stack(warm_rows).cpu(), timed]) if warm_rows else timed
+    status = loss_status(every, names)
+    return {
+        "losses": finite_mean(timed, names),
+        "loss_status": status["text"],
+        "loss_finite": status["finite"],
+        "first_nonfinite_step": status["first_nonfinite_step"],
+        "first_nonfinite_term": status["first_nonfinite_term"],
     }
 
 
@@ -554,7 +655,7 @@ def bench_method(
     from components.backbones import count_forward_flops
 
     overrides, skipped = method_overrides(name, args)
-    exp = build_method(name, overrides)
+    exp = build_method(method_spec(name, args), overrides)
     graph = exp.graph
     graph.to(device)
     shape = exp.data.image_shape
@@ -575,7 +676,9 @@ def bench_method(
         "speedup_vs_reference": None,
     }
     row.update(
-        bench_training(exp, data["train"][0], data["train"][1], args.steps, args.warmup, device, args.seed)
+        bench_training(
+            exp, data["train"][0], data["train"][1], args.steps, args.warmup, device, args.seed, args.lr
+        )
     )
     row["achieved_tflops"] = flops * row["train_images_per_s"] / 1e12
     row["peak_fraction"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
@@ -610,13 +713,18 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def bench_reference(
-    args: argparse.Namespace, data: dict[str, Any], device: torch.device, peak_tflops: float | None
+    args: argparse.Namespace,
+    data: dict[str, Any],
+    device: torch.device,
+    peak_tflops: float | None,
+    lr: float = 0.1,
 ) -> dict[str, Any]:
-    """The authors' D2R loop on the same images, backbones, batch size and attack as the D2R row."""
+    """The authors' D2R loop on the same images, backbones, batch size and attack as the D2R row, at a
+    fixed ``lr`` (the lr the D2R row's first step ran at)."""
     from components.backbones import count_forward_flops
 
     overrides, _ = method_overrides(REFERENCE_METHOD, args, fast_path=False)
-    exp = build_method(REFERENCE_METHOD, overrides)
+    exp = build_method(method_spec(REFERENCE_METHOD, args), overrides)
     target, guide = exp.graph.models["target"].to(device), exp.graph.models["guide"].to(device)
     generator = exp.graph.generator
     shape = exp.data.image_shape
@@ -637,7 +745,9 @@ def bench_reference(
         epsilon=generator.eps,
         step_size=generator.step_size,
         seed=args.seed,
+        lr=lr,
     )
+    status = loss_status([[v] for v in result["losses"]], ["loss"])
     row = {
         "method": f"{REFERENCE_METHOD} (reference loop)",
         "target": macro("TARGET_BACKBONE"),
@@ -655,7 +765,16 @@ def bench_reference(
         "amp": False,
         "channels_last": False,
         "compile": False,
-        "losses": {"loss": float(np.mean(result["losses"][args.warmup :])), **result["parts"]},
+        "losses": {
+            "loss": float(np.mean(result["losses"][args.warmup :])) if status["finite"] else None,
+            **{k: (v if math.isfinite(v) else None) for k, v in result["parts"].items()},
+        },
+        "loss_status": status["text"],
+        "loss_finite": status["finite"],
+        "first_nonfinite_step": status["first_nonfinite_step"],
+        "first_nonfinite_term": status["first_nonfinite_term"],
+        "lr_schedule": f"fixed {lr:g} (the D2R row's first lr)",
+        "lr_span": f"{lr:.4g}",
         "pgd20_images_per_s": None,
         "aa_images_per_s": None,
         "speedup_vs_reference": None,
@@ -687,16 +806,19 @@ def compare_fast_path(
     runs = {}
     for label, fast in (("fast", None), ("plain", False)):
         overrides, _ = method_overrides(name, args, fast_path=fast)
-        exp = build_method(name, overrides)
+        exp = build_method(method_spec(name, args), overrides)
         optimizer, amp = prepare_fast_path(exp, device)
+        scheduler, schedule = lr_scheduler_for(exp, optimizer, args.lr, args.steps)
+        lrs: list[float] = []
         exp.graph.train()
         torch.manual_seed(args.seed)  # the attack's random init draws from the global generator
         loader = _loader(*data["train"], exp.data.batch_size, exp.data, args.seed)
         batches = iter(loader)
-        rows = torch.stack(
-            train_steps(exp.graph, optimizer, (next(batches) for _ in range(args.steps)), amp)
-        ).tolist()
+        steps = (next(batches) for _ in range(args.steps))
+        done = train_steps(exp.graph, optimizer, steps, amp, None, scheduler, lrs, exp.trainer)
+        rows = torch.stack(done).tolist()
         terms = ["loss", *exp.graph.loss.terms]
+        status = loss_status(rows, terms)
         values: dict[str, float] = {}
         for i, term in enumerate(terms):
             key = "train/loss" if term == "loss" else f"train/loss/{term}"
@@ -717,25 +839,45 @@ def compare_fast_path(
         runs[label] = {
             "amp": amp,
             "channels_last": resolve_auto(exp.trainer.channels_last, device),
+            "lr_schedule": schedule,
+            "lr_span": lr_span(lrs),
+            "loss_status": status["text"],
+            "loss_finite": status["finite"],
+            "first_nonfinite_step": status["first_nonfinite_step"],
             "values": values,
         }
         del exp, optimizer
         _free(device)
-    keys = list(runs["fast"]["values"])
+    fast, plain = runs["fast"], runs["plain"]
+    # Two NaN runs agree on nothing worth knowing: say which side went non-finite instead of comparing.
+    comparable = fast["loss_finite"] and plain["loss_finite"]
+    bad = [
+        f"{label}: {runs[label]['loss_status']}"
+        for label in ("fast", "plain")
+        if not runs[label]["loss_finite"]
+    ]
+    rows_out = []
+    for k in fast["values"]:
+        a, b = fast["values"][k], plain["values"][k]
+        both = math.isfinite(a) and math.isfinite(b)
+        rows_out.append(
+            {
+                "quantity": k,
+                "fast": a if math.isfinite(a) else None,
+                "plain": b if math.isfinite(b) else None,
+                "abs_diff": abs(a - b) if both and comparable else None,
+            }
+        )
     return {
         "method": name,
         "steps": args.steps,
-        "fast": {k: v for k, v in runs["fast"].items() if k != "values"},
-        "plain": {k: v for k, v in runs["plain"].items() if k != "values"},
-        "rows": [
-            {
-                "quantity": k,
-                "fast": runs["fast"]["values"][k],
-                "plain": runs["plain"]["values"][k],
-                "abs_diff": abs(runs["fast"]["values"][k] - runs["plain"]["values"][k]),
-            }
-            for k in keys
-        ],
+        "comparable": comparable,
+        "verdict": f"losses finite on both sides over {args.steps} steps: differences below"
+        if comparable
+        else "NOT COMPARABLE (" + "; ".join(bad) + "): no differences reported",
+        "fast": {k: v for k, v in fast.items() if k != "values"},
+        "plain": {k: v for k, v in plain.items() if k != "values"},
+        "rows": rows_out,
     }
 
 
@@ -763,6 +905,11 @@ def _fmt(value: Any, key: str) -> str:
     return str(value)
 
 
+def _number(value: float | None, spec: str, missing: str = "non-finite") -> str:
+    """A comparison cell: the number, or ``missing`` where there is none (a NaN/inf value, no diff)."""
+    return missing if value is None else format(value, spec)
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """bench.md: the setup, the main table, the FLOP accounting and the fast-path comparison."""
     meta = report["meta"]
@@ -771,8 +918,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- machine: {meta['machine']}",
         f"- torch {meta['torch']}, threads {meta['threads']}, data: {meta['data']}",
-        f"- fast path: amp={meta['amp']}, channels_last={meta['channels_last']}, compile={meta['compile']}",
+        f"- fast path: amp={meta['amp']}, channels_last={meta['channels_last']}, compile={meta['compile']}"
+        f", cudnn.benchmark={meta['args'].get('cudnn_benchmark', 'off')}",
+        f"- lr: {meta.get('lr', SCHEDULE)} (schedule: each config's own, stepped per iteration from step 1; "
+        "a number: that fixed lr). Losses that went NaN/inf are marked NON-FINITE, never averaged",
         f"- peak TFLOP/s for the fraction: {meta['peak_tflops'] if meta['peak_tflops'] else 'not given'}",
+        f"- profiles: {', '.join(meta['args'].get('profile') or []) or 'none'}",
         f"- command: `{meta['command']}`",
         f"- timed: {meta['steps']} steps after {meta['warmup']} warm-up steps"
         + (
@@ -789,6 +940,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     rows = list(report["methods"]) + ([report["reference"]] if report.get("reference") else [])
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(key), key) for key, _ in COLUMNS) + " |")
+    if meta["compile"]:
+        counts = ", ".join(
+            f"{r['method']} {r.get('compiled_graphs_warmup', 0)} / {r.get('compiled_graphs_timed', 0)}"
+            for r in report["methods"]
+        )
+        lines += ["", f"torch.compile graphs compiled in warm-up / timed steps (timed: 0 expected): {counts}"]
     lines += [
         "",
         "Peak memory: `torch.cuda.max_memory_allocated` on CUDA; on CPU the process's peak resident set size "
@@ -835,13 +992,21 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"## Fast path vs plain: {cmp['method']} ({cmp['steps']} steps, same seed and batches)",
             "",
             f"fast path: amp={'bf16' if fast['amp'] else 'off'}, channels_last={fast['channels_last']}; "
-            f"plain: amp={'bf16' if plain['amp'] else 'off'}, channels_last={plain['channels_last']}",
+            f"plain: amp={'bf16' if plain['amp'] else 'off'}, channels_last={plain['channels_last']}; "
+            f"lr {fast['lr_span']} ({fast['lr_schedule']})",
+            "",
+            f"**{cmp['verdict']}**",
             "",
             "| quantity | fast path | plain | abs diff |",
             "|---|---|---|---|",
         ]
         for r in cmp["rows"]:
-            lines.append(f"| {r['quantity']} | {r['fast']:.6g} | {r['plain']:.6g} | {r['abs_diff']:.3g} |")
+            cells = [
+                _number(r["fast"], ".6g"),
+                _number(r["plain"], ".6g"),
+                _number(r["abs_diff"], ".3g", "–"),
+            ]
+            lines.append(f"| {r['quantity']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -856,7 +1021,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.config import resolve_gin_files
 
     for name in args.methods:
-        resolve_gin_files(name)  # an unknown method fails here, before minutes of work
+        resolve_gin_files(method_spec(name, args))  # an unknown method/profile fails here, before work
     argv = getattr(args, "argv", None)
     device = resolve_device(args.device)
     peak = (
@@ -885,7 +1050,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             row = bench_method(name, args, data, device, peak, evaluate=repeat == 0)
             runs[name].append(row)
             if name == REFERENCE_METHOD and args.reference == "on":
-                references.append(bench_reference(args, data, device, peak))
+                references.append(bench_reference(args, data, device, peak, lr=row["lr_each"][0]))
                 speedups.append(row["train_images_per_s"] / references[-1]["train_images_per_s"])
     methods = [median_row(rows) for rows in runs.values()]
     reference = median_row(references) if references else None
@@ -912,6 +1077,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "channels_last": first.get("channels_last"),
         "compile": first.get("compile"),
         "peak_tflops": peak,
+        "lr": args.lr,
         "steps": args.steps,
         "warmup": args.warmup,
         "repeats": args.repeats,
@@ -974,8 +1140,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the markdown; write/log it as asked. Returns the exit code."""
     from components.data import DataNotFoundError
 
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--learn" in given:  # the learning check (pipeline/learn.py) takes the rest of the options
+        from pipeline.learn import main as learn_main
+
+        given.remove("--learn")
+        return learn_main(given)
     args = parse_args(argv)
     args.argv = argv
+    if args.mlflow and importlib.util.find_spec("mlflow") is None:
+        print("robustflow bench: error: --mlflow given but MLflow is not installed here", file=sys.stderr)
+        return 2
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

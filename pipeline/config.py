@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import gin
+import torch
 
 GIN_DIR = Path(__file__).resolve().parents[1] / "gin"
 
@@ -176,3 +177,17 @@ def flat_parameters() -> dict[str, str]:
         for param, value in params.items():
             flat[f"{prefix}{short}.{param}"] = repr(value) if not isinstance(value, str) else value
     return flat
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; an explicit 'cuda' without a GPU is an error, not a silent CPU run.
+
+    Here rather than in ``pipeline.train`` so that commands without MLflow (the bench, the learning check)
+    can use it.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but torch sees no GPU; use --device cpu or auto")
+    return device

@@ -33,6 +33,7 @@ from pipeline.config import (
     flat_parameters,
     load_config,
     macro,
+    resolve_device,
 )
 from pipeline.plots import training_curves
 from pipeline.registry import log_model, model_card, register
@@ -53,16 +54,6 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3  # training stopped by the divergence guard: the run is FAILED and nothing is registered
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a terminated job
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present; an explicit 'cuda' without a GPU is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but torch sees no GPU; use --device cpu or auto")
-    return device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -46,3 +46,25 @@ def conv_bn_net(seed: int = 0, num_classes: int = 10) -> nn.Module:
         nn.Flatten(),
         nn.Linear(8 * 4 * 4, num_classes),
     )
+
+
+def run_python_without(code: str, blocked: tuple[str, ...] = ("mlflow", "optuna"), timeout: float = 600):
+    """Run ``code`` in a fresh interpreter (repo root on the path) where importing any of ``blocked`` fails,
+    as on a GPU machine that has torch but not MLflow or Optuna. Returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    # None in sys.modules makes `import name` (and `import name.sub`) raise ImportError.
+    shim = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", shim + code],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

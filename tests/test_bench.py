@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from support import run_python_without
 
 from benchmarks.reference_d2r import (
     cag_attack,
@@ -26,11 +27,20 @@ from components.experiment import experiment
 from pipeline.bench import (
     COLUMNS,
     DEFAULT_METHODS,
+    bench_training,
     flops_per_image,
     graph_pass_counts,
     main,
     method_overrides,
     parse_args,
+)
+from pipeline.bench_health import (
+    SCHEDULE,
+    epoch_steps,
+    finite_mean,
+    loss_status,
+    lr_scheduler_for,
+    parse_lr,
 )
 from pipeline.config import load_config
 
@@ -82,6 +92,9 @@ def test_bench_end_to_end_writes_json_markdown_and_mlflow_run(tmp_path, mlflow_s
     assert d2r["train_images_per_s"] in d2r["train_images_per_s_each"]
     assert d2r["speedup_vs_reference"] == pytest.approx(np.median(d2r["speedup_vs_reference_each"]))
     assert d2r["pgd20_images_per_s"] > 0 and d2r["aa_images_per_s"] is None
+    # Each config's schedule from step 1: D2R-CAG at its warm-up lr, and the authors' loop at the same lr.
+    assert d2r["lr_each"] == pytest.approx([0.02] * 2) == pgd["lr_each"]  # both use schedules/lbgat.gin
+    assert report["reference"]["lr_span"] == "0.02" and d2r["loss_status"] == "finite"
     assert report["meta"]["amp"] is False and report["meta"]["data"] == "synthetic"
 
     md = (out / "bench.md").read_text()
@@ -236,3 +249,110 @@ def test_reference_step_equals_robustflows_training_step():
     for ours, theirs in ((graph.models["target"], target), (graph.models["guide"], guide)):
         for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_bench_runs_where_mlflow_and_optuna_cannot_be_imported(tmp_path):
+    # The GPU machines have torch but neither MLflow nor Optuna: the bench must not need them.
+    argv = [*TINY_ARGS, "--methods", "pgd_at_cifar10", "--steps", "1", "--warmup", "0", "--no-reference"]
+    argv += ["--overrides", "ATTACK_STEPS = 2", "--out", str(tmp_path)]
+    code = (
+        "from pipeline.bench import main\n"
+        f"rc = main({argv!r})\n"
+        "loaded = [m for m in ('mlflow', 'optuna') if sys.modules.get(m) is not None]\n"
+        "assert not loaded, loaded\n"
+        "sys.exit(rc)\n"
+    )
+    proc = run_python_without(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "bench.json").read_text())["methods"][0]["method"] == "pgd_at_cifar10"
+    # Asking for MLflow where it is missing is a usage error before any work, not a traceback at the end.
+    proc = run_python_without(f"from pipeline.bench import main\nsys.exit(main({[*argv, '--mlflow']!r}))\n")
+    assert proc.returncode == 2
+    assert "MLflow is not installed" in proc.stderr and "| method |" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "first_lr"),
+    [("d2r_cag_cifar10", 0.02), ("lbgat_cifar10", 0.02), ("trades_cifar10", 0.1), ("regmix_cifar10", 0.1)],
+)
+def test_bench_steps_follow_each_configs_schedule_or_a_stated_fixed_lr(name, first_lr):
+    # LBGAT/D2R start at their warm-up lr (0.1 x 0.2); TRADES has no warm-up; RegMix (MultiStep) at 0.1.
+    exp = _build(name)
+    optimizer = exp.trainer.optimizer_fn(exp.graph.models)
+    scheduler, what = lr_scheduler_for(exp, optimizer, SCHEDULE, total_steps=5)
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([first_lr] * 5)
+    assert type(exp.trainer.schedule).__name__ in what
+    # A real epoch of the config's data: 49,000 CIFAR-10 training images (1,000 held out) at batch 128.
+    assert epoch_steps(exp.data) == 49_000 // 128
+    scheduler, what = lr_scheduler_for(exp, optimizer, 0.05, total_steps=5)
+    assert scheduler is None and what == "fixed 0.05"
+    assert {g["lr"] for g in optimizer.param_groups} == {0.05}
+
+
+def test_bench_steps_are_the_trainers_steps_with_its_clipping_and_lr_ramp():
+    # gin/stable.gin's kind of switches: the bench must time and report the step Trainer.fit runs.
+    images, labels = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (24,))
+    cpu = torch.device("cpu")
+    exp = _build("pgd_at_cifar10", ["BATCH_SIZE = 8", "Trainer.lr_ramp_epochs = 1.0"])
+    row = bench_training(exp, images, labels, 2, 1, cpu, 0)
+    spe = epoch_steps(exp.data)  # the ramp runs over one real epoch: 1/spe, 2/spe, 3/spe of 0.02
+    assert row["lr_each"] == pytest.approx([0.02 * k / spe for k in (1, 2, 3)])
+    assert "lr ramp 1 epochs" in row["lr_schedule"]
+
+    def moved(clip):
+        exp = _build("pgd_at_cifar10", ["BATCH_SIZE = 8", f"Trainer.grad_clip_norm = {clip}"])
+        before = [p.detach().clone() for p in exp.graph.target.parameters()]
+        bench_training(exp, images, labels, 2, 1, cpu, 0, lr=1.0)
+        return max((p - q).abs().max().item() for p, q in zip(exp.graph.target.parameters(), before))
+
+    # At lr 1, a gradient clipped to norm 1e-9 leaves weight decay (2e-4 x w per step) to move the weights.
+    assert moved(1e-9) < 1e-2 < moved(None)
+
+
+def test_bench_marks_non_finite_losses_and_refuses_to_compare_nan_runs(tmp_path):
+    # An absurd fixed lr blows the weights up after step 1: every later loss is NaN/inf.
+    argv = [*TINY_ARGS, "--methods", "pgd_at_cifar10", "--steps", "3", "--warmup", "0", "--no-reference"]
+    argv += ["--overrides", "ATTACK_STEPS = 2", "--lr", "1e30", "--amp", "--compare-fast-path"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (row,) = report["methods"]
+    assert row["loss_finite"] is False and row["first_nonfinite_step"] == 2
+    assert row["first_nonfinite_term"] == "ce_adv"  # the term, not the total that follows it
+    assert row["losses"] == {"loss": None, "ce_adv": None}  # no NaN average posing as a number
+    assert row["lr_each"] == [1e30] * 3 and report["meta"]["lr"] == 1e30
+    (cmp,) = report["compare_fast_path"]
+    assert cmp["comparable"] is False and cmp["verdict"].startswith("NOT COMPARABLE")
+    assert all(r["abs_diff"] is None for r in cmp["rows"])
+    md = (tmp_path / "bench.md").read_text()
+    assert "NON-FINITE from step 2 (ce_adv; 2/3 steps)" in md and "nan" not in md.lower().split("## fast")[1]
+
+
+def test_loss_status_and_finite_mean():
+    rows = torch.tensor([[1.0, 0.5, 0.9], [float("nan"), 0.5, 0.9], [float("inf"), float("nan"), 0.9]])
+    status = loss_status(rows, ["loss", "a"])
+    assert status["finite"] is False and status["nonfinite_steps"] == 2
+    assert (status["first_nonfinite_step"], status["first_nonfinite_term"]) == (2, "loss")
+    assert finite_mean(rows, ["loss", "a"]) == {"loss": None, "a": None}
+    assert finite_mean(rows[:1], ["loss", "a"]) == {"loss": 1.0, "a": 0.5}
+    assert loss_status(rows[:1], ["loss", "a"])["text"] == "finite"
+    with pytest.raises(ValueError, match="--lr must be"):
+        parse_lr("fast")
+
+
+def test_profiles_apply_after_each_methods_config(tmp_path, capsys):
+    # gin/smoke.gin sets EPOCHS = 4 and 2,048 training images: the schedule is bound to that run.
+    argv = [*TINY_ARGS, "--methods", "pgd_at_cifar10", "--steps", "1", "--warmup", "0", "--no-reference"]
+    argv += ["--overrides", "ATTACK_STEPS = 2", "--profile", "smoke", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (row,) = report["methods"]
+    assert row["lr_schedule"] == "PaperStepSchedule (4 epochs of 256 steps)"  # 2,048 images / batch 8
+    assert row["batch"] == 8  # the command's bindings come after the profile
+    assert "- profiles: smoke" in (tmp_path / "bench.md").read_text()
+    assert main([*argv[:-2], "--profile", "no_such_profile"]) == 2
+    assert "unknown gin config 'no_such_profile'" in capsys.readouterr().err

@@ -48,6 +48,11 @@ class DataModule:
         split_seed: fixes which training images are held out; keep it fixed across runs that are compared.
         seed: shuffling and augmentation seed (same on every DDP rank).
         device: where the images live and batches are produced.
+        val_drop_last: drop the ragged last validation batch, so that every validation batch has
+            ``eval_batch_size`` images (static shapes: no extra ``torch.compile`` graph or CUDA graph for
+            the odd size). Validation then uses ``val_size // eval_batch_size * eval_batch_size`` images,
+            the same ones every epoch; off by default (every held-out image counts). The test loader never
+            drops images.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class DataModule:
         split_seed: int = 0,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        val_drop_last: bool = False,
     ) -> None:
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"DataModule.dataset must be a dataset name, got {dataset!r}")
@@ -75,6 +81,11 @@ class DataModule:
             raise ValueError(f"DataModule.val_size must be >= 0, got {val_size}")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        if val_drop_last and 0 < val_size < eval_batch_size:
+            raise ValueError(
+                f"DataModule.val_drop_last with val_size={val_size} < eval_batch_size={eval_batch_size} "
+                "leaves no validation batch; lower eval_batch_size or raise val_size"
+            )
         self.dataset = dataset.lower()
         self.data_dir = None if data_dir is None else os.fspath(data_dir)
         self.download = download
@@ -88,6 +99,7 @@ class DataModule:
         self.split_seed = split_seed
         self.seed = seed
         self.device = torch.device(device)
+        self.val_drop_last = bool(val_drop_last)
 
         self._ready = False
         self._num_classes: int | None = None
@@ -244,7 +256,7 @@ class DataModule:
         self.setup()
         if self._val is None:
             raise ValueError("no validation split: DataModule.val_size is 0")
-        return DeviceLoader(*self._val, self.eval_batch_size)
+        return DeviceLoader(*self._val, self.eval_batch_size, drop_last=self.val_drop_last)
 
     def test_loader(self) -> DeviceLoader:
         """Test batches in a fixed order, unaugmented. Report them; never select on them."""
