@@ -36,6 +36,7 @@ from pipeline.config import (
 )
 from pipeline.plots import training_curves
 from pipeline.registry import log_model, model_card, register
+from pipeline.resume import ResumeError, check_resume, resume_target
 from pipeline.tracking import (
     STARTED_TAG,
     configure_tracking,
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         return _follow(exp, args.output_dir, stop)
     configure_tracking()
+    try:  # before start_run, which would mark a finished run RUNNING again
+        check_resume(resume_target(args.run_id), flat_parameters(), loaded.overrides, gin.config_str())
+    except ResumeError as err:
+        print(f"robustflow train: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         train_experiment(
             loaded, exp, gin_spec=args.gin, run_id=args.run_id, output_dir=args.output_dir, stop=stop
