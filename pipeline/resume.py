@@ -10,7 +10,9 @@ is refused too. Both checks run before ``mlflow.start_run`` touches the run (whi
 
 from __future__ import annotations
 
+import argparse
 import os
+import shlex
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +39,26 @@ class ResumeError(ConfigError):
 def resume_target(run_id: str | None) -> str | None:
     """The run this process would continue: ``--run-id``, else the run ``mlflow run`` created for it."""
     return run_id or os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def resume_command(args: argparse.Namespace, run_id: str) -> str:
+    """The command that continues ``run_id`` with the same config, in the form this process was started."""
+    from pipeline.run_status import wrapper_pid
+
+    if wrapper_pid(run_id) is not None:
+        project = Path(__file__).resolve().parents[1]
+        params = {"gin": args.gin, "overrides": args.overrides, "device": args.device}
+        if args.nproc != 1:
+            params["nproc"] = args.nproc
+        ps = " ".join(f"-P {shlex.quote(f'{k}={v}')}" for k, v in params.items() if v != "")
+        return f"mlflow run {shlex.quote(str(project))} -e train --env-manager local --run-id {run_id} {ps}"
+    parts = ["python", "-m", "pipeline.train", "--gin", args.gin]
+    if args.overrides:
+        parts += ["--overrides", args.overrides]
+    parts += ["--device", args.device, "--run-id", run_id]
+    if args.nproc != 1:
+        parts += ["--nproc", str(args.nproc)]
+    return shlex.join(parts)
 
 
 def check_resume(
@@ -135,4 +157,4 @@ def _config_file_differences(run_id: str, config_text: str, client: mlflow.Mlflo
     ]
 
 
-__all__ = ["ResumeError", "check_resume", "config_differences", "resume_target"]
+__all__ = ["ResumeError", "check_resume", "config_differences", "resume_command", "resume_target"]

@@ -36,7 +36,8 @@ from pipeline.config import (
 )
 from pipeline.plots import training_curves
 from pipeline.registry import log_model, model_card, register
-from pipeline.resume import ResumeError, check_resume, resume_target
+from pipeline.resume import ResumeError, check_resume, resume_command, resume_target
+from pipeline.run_status import keep_current_status, stop_with_wrapper
 from pipeline.tracking import (
     STARTED_TAG,
     configure_tracking,
@@ -113,6 +114,7 @@ class _StopFlag:
             print(f"\nrobustflow: got signal {signum}; stopping at the next step", file=sys.stderr)
 
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)  # Ctrl-C: the same clean stop, no traceback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     stop = _StopFlag()
     stop.install()
+    stop_with_wrapper()
     if rank != 0:
         return _follow(exp, args.output_dir, stop)
     configure_tracking()
@@ -139,12 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         check_resume(resume_target(args.run_id), flat_parameters(), loaded.overrides, gin.config_str())
     except ResumeError as err:
         print(f"robustflow train: error: {err}", file=sys.stderr)
+        keep_current_status(resume_target(args.run_id))  # `mlflow run` would mark it FAILED
         return EXIT_USAGE
     try:
         train_experiment(
             loaded, exp, gin_spec=args.gin, run_id=args.run_id, output_dir=args.output_dir, stop=stop
         )
     except TrainingInterruptedError:
+        stopped = mlflow.last_active_run()
+        if stopped is not None:
+            print(f"robustflow: to resume: {resume_command(args, stopped.info.run_id)}", file=sys.stderr)
+            keep_current_status(stopped.info.run_id)  # KILLED, which `mlflow run` would overwrite
         return EXIT_TERMINATED
     return 0
 
