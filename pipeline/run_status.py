@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -36,9 +37,19 @@ def wrapper_pid(run_id: str | None = None) -> int | None:
     ``mlflow run`` hands the child its run in ``MLFLOW_RUN_ID``; the MLproject command ``exec``s python, so
     the parent is the wrapper itself (a ``bash -c`` that did not exec is looked through).
     """
-    env_run = os.environ.get("MLFLOW_RUN_ID")
-    if not env_run or (run_id is not None and run_id != env_run):
+    # Found once, at start-up: mlflow.end_run unsets MLFLOW_RUN_ID, and the wrapper may be dead by the end.
+    if not _WRAPPER:
+        env_run = os.environ.get("MLFLOW_RUN_ID")
+        _WRAPPER.update(run=env_run, pid=_find_wrapper() if env_run else None)
+    if _WRAPPER["pid"] is None or (run_id is not None and run_id != _WRAPPER["run"]):
         return None
+    return _WRAPPER["pid"]
+
+
+_WRAPPER: dict[str, Any] = {}
+
+
+def _find_wrapper() -> int | None:
     pid = os.getppid()
     for _ in range(2):
         cmdline = _cmdline(pid)
@@ -80,7 +91,7 @@ def stop_with_wrapper() -> None:
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-    if wrapper_pid() is None:  # the wrapper died before prctl took effect
+    if os.getppid() == 1:  # the wrapper died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
