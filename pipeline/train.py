@@ -13,7 +13,6 @@ step, leaves the last epoch's checkpoint and marks the run KILLED; re-running on
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from pipeline.config import (
     load_config,
     macro,
 )
+from pipeline.outputs import default_output_dir, remove_logged_checkpoints
 from pipeline.plots import training_curves
 from pipeline.registry import log_model, model_card, register
 from pipeline.resume import ResumeError, check_resume, resume_command, resume_target
@@ -81,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--run-id", default=None, help="continue this MLflow run from its last checkpoint")
     parser.add_argument(
-        "--output-dir", default=os.environ.get("ROBUSTFLOW_OUTPUT", "outputs"), help="local checkpoints"
+        "--output-dir",
+        default=default_output_dir(),
+        help="local checkpoints (default: $ROBUSTFLOW_OUTPUT, else ./outputs where the command was run)",
     )
     return parser.parse_args(argv)
 
@@ -272,6 +274,8 @@ def train_experiment(
             print(
                 f"robustflow: registered {model_name} version {registered.version} ({state})", file=sys.stderr
             )
+        if not nested:  # logged to the run; a FINISHED run is never resumed (a tuner's trials keep theirs)
+            remove_logged_checkpoints(run_id, ckpt_dir)
         print(f"robustflow: run {run_id} finished (experiment {model_name})", file=sys.stderr)
     return {"run_id": run_id, "best_score": best_score, "test": test, "registered": registered}
 

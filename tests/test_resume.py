@@ -53,6 +53,7 @@ def _killed_run(tmp_path) -> str:
         )
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "KILLED"
+    assert (tmp_path / "outputs" / run.info.run_id / "last.pt").is_file()  # kept while it can be resumed
     return run.info.run_id
 
 
@@ -73,6 +74,10 @@ def test_resume_with_a_different_config_is_refused_listing_the_bindings(
     assert "resuming run" in capsys.readouterr().err
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["ALPHA"] == "30.0"
+    # FINISHED: the local copies of checkpoints the run's artifacts hold are gone; the artifacts stay.
+    assert not (tmp_path / "outputs" / run_id).exists()
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "checkpoints")}
+    assert logged == {"checkpoints/last.pt", "checkpoints/best.pt"}
 
 
 def test_resume_of_a_finished_run_is_refused_and_changes_nothing(shared_data, mlflow_store, tmp_path, capsys):
@@ -80,6 +85,7 @@ def test_resume_of_a_finished_run_is_refused_and_changes_nothing(shared_data, ml
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     before = _record(run.info.run_id)
     assert len(before[-1]) == 1  # one registered version
+    assert not (tmp_path / "outputs").exists()  # FINISHED: no local checkpoints left behind
     capsys.readouterr()
     one_epoch = f"EPOCHS = 1; {TINY}"
     assert main(["--gin", GIN, "--overrides", one_epoch, "--device", "cpu", "--run-id", run.info.run_id]) == 2

@@ -85,3 +85,6 @@ def test_stop_under_mlflow_run_ends_killed_with_no_orphan(how, shared_data, tmp_
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoints")}
     assert "checkpoints/last.pt" in artifacts
     assert not mlflow.MlflowClient().search_model_versions(f"run_id = '{run.info.run_id}'")
+    # Local checkpoints are kept (the run can be resumed) where the command was run, not in the project.
+    assert (tmp_path / "outputs" / run.info.run_id / "last.pt").is_file()
+    assert not (REPO / "outputs" / run.info.run_id).exists()
