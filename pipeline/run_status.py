@@ -84,14 +84,15 @@ def _is_mlflow_run(cmdline: list[str]) -> bool:
 
 def stop_with_wrapper() -> None:
     """Under ``mlflow run``: get SIGTERM when the wrapper dies, so training stops instead of going on."""
-    if wrapper_pid() is None or not sys.platform.startswith("linux"):
+    pid = wrapper_pid()
+    if pid is None or not sys.platform.startswith("linux"):
         return
     import ctypes
 
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-    if os.getppid() == 1:  # the wrapper died before prctl took effect
+    if not _alive(pid):  # the wrapper died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
