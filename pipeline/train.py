@@ -6,8 +6,10 @@
     mlflow run . -e train -P gin=d2r_cag_cifar10 -P nproc=4 --env-manager local  # 4 GPUs, via torchrun
 
 Everything is built and checked (config, models, attack radii, data on disk) before a run is opened,
-so bad input fails in seconds with a message. Each epoch writes a checkpoint; SIGTERM stops at the next
-step, leaves the last epoch's checkpoint and marks the run KILLED; re-running on the same run id resumes.
+so bad input fails in seconds with a message. Each epoch writes a checkpoint; SIGTERM or Ctrl-C (to this
+process or to its `mlflow run`) stops at the next step, leaves the last epoch's checkpoint, prints the resume
+command and marks the run KILLED; re-running on the same run id with the same config resumes (a different
+config, or a FINISHED run, is refused: pipeline/resume.py).
 """
 
 from __future__ import annotations

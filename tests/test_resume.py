@@ -41,6 +41,17 @@ def _settled(run_id: str, expected: tuple, timeout: float = 30.0) -> tuple:
     return record
 
 
+def _mlflow_run(run_id: str, overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`mlflow run --run-id` of the train entry point (the data comes from the shared_data fixture's env)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
+         "--run-id", run_id, "-P", f"gin={GIN}", "-P", f"overrides={overrides}", "-P", "device=cpu"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
 def _killed_run(tmp_path) -> str:
     """A real run stopped in its second epoch (as SIGTERM would), with its epoch-1 checkpoint logged."""
     from components.training import TrainingInterruptedError
@@ -69,6 +80,10 @@ def test_resume_with_a_different_config_is_refused_listing_the_bindings(
     assert "different config" in err and "ALPHA: 30.0 -> 10" in err, err
     assert "overrides:" in err and "resuming run" not in err
     assert _record(run_id) == before, "a refused resume changed the run"
+    # The same refusal through `mlflow run --run-id`; its wrapper's FAILED is undone (the run stays KILLED).
+    out = _mlflow_run(run_id, f"{OVERRIDES}; ALPHA = 10", tmp_path)
+    assert out.returncode != 0 and "ALPHA: 30.0 -> 10" in out.stderr, out.stderr[-3000:]
+    assert _settled(run_id, before) == before, "mlflow run changed the killed run"
     # The same config still resumes (the check compares like with like) and finishes the run.
     assert main(["--gin", GIN, "--overrides", OVERRIDES, "--device", "cpu", "--run-id", run_id]) == 0
     assert "resuming run" in capsys.readouterr().err
@@ -94,13 +109,7 @@ def test_resume_of_a_finished_run_is_refused_and_changes_nothing(shared_data, ml
     assert _record(run.info.run_id) == before, "a refused resume changed the run"
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1
     # The same through `mlflow run --run-id`: its wrapper must not turn the FINISHED run into FAILED either.
-    env = dict(os.environ, ROBUSTFLOW_DATA=str(shared_data))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    out = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
-         "--run-id", run.info.run_id, "-P", f"gin={GIN}", "-P", f"overrides={one_epoch}", "-P", "device=cpu"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    out = _mlflow_run(run.info.run_id, one_epoch, tmp_path)
     assert out.returncode != 0 and "is FINISHED" in out.stderr, out.stderr[-3000:]
     # mlflow run overwrites the status as it exits; robustflow's restorer puts it back right after.
     assert _settled(run.info.run_id, before) == before, "mlflow run changed the finished run"
