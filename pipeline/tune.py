@@ -1184,6 +1184,7 @@ def default_study_name(loaded: LoadedConfig, objective: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from pipeline.config import available_configs
+    from pipeline.outputs import default_output_dir
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1215,8 +1216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--output-dir",
-        default=os.environ.get("ROBUSTFLOW_OUTPUT", "outputs"),
-        help="best_params.gin and checkpoints",
+        default=default_output_dir(),  # under `mlflow run`: where the user ran it, not the project folder
+        help="best_params.gin and checkpoints (default: $ROBUSTFLOW_OUTPUT, else ./outputs)",
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="worker processes on this machine (stores set up once first)"
