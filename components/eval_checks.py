@@ -5,7 +5,8 @@ evaluation goes wrong (Carlini et al. 2019, "On evaluating adversarial robustnes
 AutoAttack flags) and returns a list of human-readable flag strings, empty when all is well. Nothing is
 raised and nothing is silently dropped: the caller prints the flags and logs them with the numbers.
 
-Every flag starts with a bracketed tag (``[eval-mode]``, ``[randomized]`` ...) so that logs can be grepped.
+Every flag starts with a bracketed tag (``[non-finite]``, ``[eval-mode]``, ``[randomized]`` ...) so that
+logs can be grepped.
 """
 
 from __future__ import annotations
@@ -42,6 +43,33 @@ def _frozen_state(model: nn.Module) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------- model checks
+
+
+def check_finite(model: nn.Module, x: Tensor) -> list[str]:
+    """Flag NaN/inf in the model's parameters or buffers, and NaN/inf logits on ``x``.
+
+    A diverged training run leaves such weights behind. Their logits are not finite, so argmax predictions,
+    every attack and every other logit-based check are meaningless: this flag says so by name, instead of
+    the evaluation reporting a "randomized" model or chance-level accuracy as the only symptom.
+    """
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    flags = []
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        flags.append(
+            f"[non-finite] {len(bad)} parameter/buffer tensor(s) hold NaN or inf ({shown}): the weights are "
+            "broken (diverged training?); no accuracy computed from this model means anything"
+        )
+    with torch.no_grad(), _frozen_state(model):
+        out = model(x).float()
+    rows = int((~torch.isfinite(out)).flatten(1).any(1).sum())
+    if rows:
+        flags.append(
+            f"[non-finite] the logits of {rows}/{x.shape[0]} inputs contain NaN or inf: predictions (argmax) "
+            "and attacks on them are meaningless, and so is every accuracy reported"
+        )
+    return flags
 
 
 def check_eval_mode(model: nn.Module) -> list[str]:
@@ -166,8 +194,16 @@ def check_clean_accuracy(clean_acc: float, num_classes: int) -> list[str]:
 
 
 def run_model_checks(model: nn.Module, x: Tensor, y: Tensor, large_eps: float | None = 0.5) -> list[str]:
-    """All the checks that only need the model and one batch; ``large_eps=None`` skips the costly one."""
+    """All the checks that only need the model and one batch; ``large_eps=None`` skips the costly one.
+
+    With non-finite weights or logits the checks that compare logits (randomized, probabilities, masked
+    gradients, large eps) would only misname the problem, so they are skipped behind the ``[non-finite]``
+    flag.
+    """
     flags = check_inputs(x) + check_eval_mode(model)
+    non_finite = check_finite(model, x)
+    if non_finite:
+        return flags + non_finite
     flags += check_deterministic(model, x) + check_logits(model, x) + check_gradient_masking(model, x, y)
     if large_eps is not None:
         flags += check_large_eps(model, x, y, eps=large_eps)

@@ -8,9 +8,12 @@ but never defined. Gin reports unknown configurables and parameters itself, with
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import logging
+import operator
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +63,96 @@ def resolve_gin_files(spec: str) -> list[Path]:
             )
         files.append(candidate)
     return files
+
+
+_INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""", re.MULTILINE)
+_SETS_MODEL_NAME = re.compile(r"^\s*MODEL_NAME\s*=", re.MULTILINE)
+
+
+def is_experiment(path: Path, _seen: frozenset[Path] = frozenset()) -> bool:
+    """Whether a gin file defines an experiment (sets ``MODEL_NAME``, itself or through an include).
+
+    Every other top-level file (``smoke``, ``stable``, ...) is a profile: it only adjusts an experiment, so it
+    needs one before it on the command line.
+    """
+    path = path.resolve()
+    if path in _seen or not path.is_file():
+        return False
+    text = path.read_text()
+    if _SETS_MODEL_NAME.search(text):
+        return True
+    for name in _INCLUDE.findall(text):
+        for candidate in (Path(name), GIN_DIR / name, path.parent / name):
+            if candidate.is_file():
+                if is_experiment(candidate, _seen | {path}):
+                    return True
+                break
+    return False
+
+
+def _check_order(names: list[str], files: list[Path]) -> None:
+    """An experiment first, profiles after it: a profile alone or first would run something nobody asked."""
+    kinds = [is_experiment(f) for f in files]
+    if any(kinds) and kinds[0]:
+        return
+    profiles = [n for n, k in zip(names, kinds) if not k]
+    experiments = [n for n, k in zip(names, kinds) if k]
+    example_exp = experiments[0] if experiments else "d2r_cag_cifar10"
+    example = ",".join([example_exp, *profiles])
+    if not experiments:
+        listed = ", ".join(sorted(n for n in available_configs() if is_experiment(GIN_DIR / f"{n}.gin")))
+        raise ConfigError(
+            f"--gin {','.join(names)} names only profile(s) ({', '.join(profiles)}), no experiment. "
+            f"A profile adjusts an experiment, and profiles go last: e.g. --gin {example}.\n"
+            f"Experiments: {listed}"
+        )
+    raise ConfigError(
+        f"--gin {','.join(names)} puts profile {profiles[0]} before the experiment "
+        f"{example_exp}: profiles go last (later files override earlier ones), e.g. --gin {example}"
+    )
+
+
+_ARITHMETIC = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
+
+
+def _arithmetic_value(text: str) -> float | None:
+    """The value of a purely numeric expression such as ``8/255`` (gin cannot evaluate it), else ``None``."""
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            return _ARITHMETIC[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(text)
+
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(tree, ast.BinOp):
+        return None
+    try:
+        return value(tree)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _check_no_arithmetic(bindings: list[str]) -> None:
+    for binding in bindings:
+        name, text = (part.strip() for part in binding.split("=", 1))
+        result = _arithmetic_value(text)
+        if result is not None:
+            raise ConfigError(
+                f"override {binding!r}: gin has no arithmetic, so {text} cannot be a value; write the number "
+                f"itself: '{name} = {result!r}'"
+            )
 
 
 def parse_overrides(overrides: str | list[str] | None) -> list[str]:
@@ -143,7 +236,9 @@ def load_config(spec: str, overrides: str | list[str] | None = None) -> LoadedCo
     import components  # noqa: F401  (registers every configurable with gin)
 
     files = resolve_gin_files(spec)
+    _check_order([s.strip() for s in str(spec).split(",") if s.strip()], files)
     bindings = parse_overrides(overrides)
+    _check_no_arithmetic(bindings)
     gin.clear_config()
     if str(GIN_DIR) not in gin.config._LOCATION_PREFIXES:
         gin.add_config_file_search_path(str(GIN_DIR))

@@ -6,14 +6,15 @@
     mlflow run . -e train -P gin=d2r_cag_cifar10 -P nproc=4 --env-manager local  # 4 GPUs, via torchrun
 
 Everything is built and checked (config, models, attack radii, data on disk) before a run is opened,
-so bad input fails in seconds with a message. Each epoch writes a checkpoint; SIGTERM stops at the next
-step, leaves the last epoch's checkpoint and marks the run KILLED; re-running on the same run id resumes.
+so bad input fails in seconds with a message. Each epoch writes a checkpoint; SIGTERM or Ctrl-C (to this
+process or to its `mlflow run`) stops at the next step, leaves the last epoch's checkpoint, prints the resume
+command and marks the run KILLED; re-running on the same run id with the same config resumes (a different
+config, or a FINISHED run, is refused: pipeline/resume.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -35,8 +36,11 @@ from pipeline.config import (
     macro,
     resolve_device,
 )
+from pipeline.outputs import default_output_dir, remove_logged_checkpoints
 from pipeline.plots import training_curves
 from pipeline.registry import log_model, model_card, register
+from pipeline.resume import ResumeError, check_resume, resume_command, resume_target
+from pipeline.run_status import keep_current_status, stop_with_wrapper
 from pipeline.tracking import (
     FAILURE_TAG,
     STARTED_TAG,
@@ -72,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--run-id", default=None, help="continue this MLflow run from its last checkpoint")
     parser.add_argument(
-        "--output-dir", default=os.environ.get("ROBUSTFLOW_OUTPUT", "outputs"), help="local checkpoints"
+        "--output-dir",
+        default=default_output_dir(),
+        help="local checkpoints (default: $ROBUSTFLOW_OUTPUT, else ./outputs where the command was run)",
     )
     return parser.parse_args(argv)
 
@@ -105,6 +111,7 @@ class _StopFlag:
             print(f"\nrobustflow: got signal {signum}; stopping at the next step", file=sys.stderr)
 
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)  # Ctrl-C: the same clean stop, no traceback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,14 +132,25 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     stop = _StopFlag()
     stop.install()
+    stop_with_wrapper()
     if rank != 0:
         return _follow(exp, args.output_dir, stop)
     configure_tracking()
+    try:  # before start_run, which would mark a finished run RUNNING again
+        check_resume(resume_target(args.run_id), flat_parameters(), loaded.overrides, gin.config_str())
+    except ResumeError as err:
+        print(f"robustflow train: error: {err}", file=sys.stderr)
+        keep_current_status(resume_target(args.run_id))  # `mlflow run` would mark it FAILED
+        return EXIT_USAGE
     try:
         train_experiment(
             loaded, exp, gin_spec=args.gin, run_id=args.run_id, output_dir=args.output_dir, stop=stop
         )
     except TrainingInterruptedError:
+        stopped = mlflow.last_active_run()
+        if stopped is not None:
+            print(f"robustflow: to resume: {resume_command(args, stopped.info.run_id)}", file=sys.stderr)
+            keep_current_status(stopped.info.run_id)  # KILLED, which `mlflow run` would overwrite
         return EXIT_TERMINATED
     except TrainingDivergedError:
         return EXIT_DIVERGED
@@ -270,6 +288,8 @@ def train_experiment(
             print(
                 f"robustflow: registered {model_name} version {registered.version} ({state})", file=sys.stderr
             )
+        if not nested:  # logged to the run; a FINISHED run is never resumed (a tuner's trials keep theirs)
+            remove_logged_checkpoints(run_id, ckpt_dir)
         print(f"robustflow: run {run_id} finished (experiment {model_name})", file=sys.stderr)
     return {"run_id": run_id, "best_score": best_score, "test": test, "registered": registered}
 

@@ -1190,6 +1190,7 @@ def default_study_name(loaded: LoadedConfig, objective: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from pipeline.config import available_configs
+    from pipeline.outputs import default_output_dir
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1221,8 +1222,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--output-dir",
-        default=os.environ.get("ROBUSTFLOW_OUTPUT", "outputs"),
-        help="best_params.gin and checkpoints",
+        default=default_output_dir(),  # under `mlflow run`: where the user ran it, not the project folder
+        help="best_params.gin and checkpoints (default: $ROBUSTFLOW_OUTPUT, else ./outputs)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes on this machine (stores set up once first)"
     )
     return parser.parse_args(argv)
 
@@ -1282,11 +1286,16 @@ def _quiet_optuna() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the entry point; returns the process exit code."""
     from components.data import DataNotFoundError
+    from pipeline.workers import prepare_stores, run_workers
 
     args = parse_args(argv)
     _quiet_optuna()
     try:
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
         plan = prepare(args)
+        db = plan.storage.target if plan.storage.kind != "journal" else None
+        prepare_stores(db, lambda: open_storage(plan.storage, 1, 2, lambda *_: None))
         print(
             f"robustflow tune: study {plan.study_name!r} in {plan.storage.label}: {plan.objective} over "
             + "; ".join(d.describe() for d in plan.dims)
@@ -1298,6 +1307,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataNotFoundError, ValueError, TypeError) as err:
         print(f"robustflow tune: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    if args.workers > 1:  # the study and its parent run exist now: every worker joins them
+        return run_workers(args.workers, sys.argv[1:] if argv is None else argv)
     return tuner.run()
 
 

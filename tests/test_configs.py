@@ -6,9 +6,10 @@ import torch
 from components.attacks import GaussianInit, RandomSignInit, UniformInit
 from components.experiment import experiment
 from components.losses import KL, MSE, CrossEntropy, KLGap
-from pipeline.config import ConfigError, available_configs, load_config
+from pipeline.config import GIN_DIR, ConfigError, available_configs, is_experiment, load_config
 
-EXPERIMENTS = [name for name in available_configs() if name != "smoke"]
+# Profiles (smoke, stable, ...) only adjust an experiment and cannot be loaded alone.
+EXPERIMENTS = [name for name in available_configs() if is_experiment(GIN_DIR / f"{name}.gin")]
 
 
 def test_the_listed_experiments_exist():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from components.data import (
     DataNotFoundError,
     DeviceLoader,
     load_arrays,
+    resolve_cache_dir,
     resolve_data_dir,
 )
 
@@ -110,18 +112,40 @@ def test_grey_npz_shards_gain_a_channel_axis(tmp_path):
     assert x.shape == (3, 5, 5, 1) and y.dtype == np.int64
 
 
+def _tree(folder: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*"))
+
+
 @needs_mnist
-def test_mnist_loads_from_read_only_shared_copy_through_cache(monkeypatch, tmp_path):
+@pytest.mark.parametrize("read_only", [True, False])
+def test_mnist_unpacks_into_the_cache_never_into_the_data_folder(monkeypatch, tmp_path, read_only):
+    # The test makes the folder it relies on: its own copy of the archives, read-only or writable.
+    data = tmp_path / "data"
+    shutil.copytree(SHARED / "MNIST" / "raw", data / "MNIST" / "raw")
+    for path in [data, *data.rglob("*")]:
+        path.chmod((0o555 if path.is_dir() else 0o444) if read_only else (0o755 if path.is_dir() else 0o644))
     monkeypatch.setenv("ROBUSTFLOW_CACHE", str(tmp_path / "cache"))
-    before = sorted(p.name for p in (SHARED / "MNIST" / "raw").iterdir())
-    x, y = load_arrays("mnist", str(SHARED), "test")
-    assert x.dtype == np.uint8 and x.shape == (10000, 28, 28, 1)
-    assert y.dtype == np.int64 and np.bincount(y).sum() == 10000 and y.max() == 9
-    assert (tmp_path / "cache" / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file()
-    assert sorted(p.name for p in (SHARED / "MNIST" / "raw").iterdir()) == before  # shared copy untouched
-    # The second load reuses the unpacked cache.
-    x2, _ = load_arrays("mnist", str(SHARED), "test")
-    assert np.array_equal(x, x2)
+    before = _tree(data)
+    try:
+        x, y = load_arrays("mnist", str(data), "test")
+        assert x.dtype == np.uint8 and x.shape == (10000, 28, 28, 1)
+        assert y.dtype == np.int64 and np.bincount(y).sum() == 10000 and y.max() == 9
+        assert _tree(data) == before, "the loader wrote into the data folder"
+        assert list((tmp_path / "cache").glob("MNIST-*/MNIST/raw/t10k-images-idx3-ubyte"))
+        # The second load reuses the unpacked cache.
+        x2, _ = load_arrays("mnist", str(data), "test")
+        assert np.array_equal(x, x2)
+    finally:
+        for path in [data, *data.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)  # let pytest clean tmp_path up
+
+
+def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("ROBUSTFLOW_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert resolve_cache_dir() == tmp_path / "robustflow" / "data"
+    monkeypatch.setenv("ROBUSTFLOW_CACHE", str(tmp_path / "mine"))
+    assert resolve_cache_dir() == tmp_path / "mine"
 
 
 def test_missing_data_names_paths_and_how_to_fix(monkeypatch, tmp_path):

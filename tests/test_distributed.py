@@ -43,7 +43,10 @@ def _train(tmp_path, name, batch, nproc, data):
         key: [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key)]
         for key in ("train/loss", "train/loss/kl_adv", "train/clean_acc", "train/adv_acc", "val/pgd20_acc")
     }
-    last = load_checkpoint(tmp_path / name / "outputs" / run.info.run_id / "last.pt")
+    # A FINISHED run's local checkpoints are removed; the run's artifact is the same file.
+    last = load_checkpoint(
+        mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/checkpoints/last.pt")
+    )
     return history, last
 
 

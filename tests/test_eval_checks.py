@@ -261,3 +261,43 @@ def test_the_suite_flags_a_model_stuck_in_train_mode(mlp, data):
         StuckInTraining(), [(x[:8], y[:8])], {"pgd10": PGD(EPS_8_255, steps=10)}, progress=False
     )
     assert "[eval-mode]" in tags(report.flags)
+
+
+def _broken(mlp: nn.Module, where: str) -> nn.Module:
+    """A copy of ``mlp`` with NaN weights (``weights``) or finite weights but infinite logits (``logits``)."""
+    import copy
+
+    net = copy.deepcopy(mlp)
+    if where == "weights":
+        with torch.no_grad():
+            next(net.parameters())[0, 0] = float("nan")
+        return net
+
+    class Overflow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) * float("inf")
+
+    return Overflow()
+
+
+def test_non_finite_weights_and_logits_are_flagged_by_name(mlp, data):
+    x, y = data
+    flags = checks.check_finite(_broken(mlp, "weights"), x)
+    assert len(flags) == 2 and all(f.startswith("[non-finite]") for f in flags), flags
+    assert "parameter/buffer" in flags[0] and f"{x.shape[0]}/{x.shape[0]} inputs" in flags[1]
+    (flag,) = checks.check_finite(_broken(mlp, "logits"), x)
+    assert flag.startswith("[non-finite] the logits")
+    assert checks.check_finite(mlp, x) == []
+
+
+def test_the_suite_names_non_finite_weights_instead_of_randomized(mlp, data):
+    x, y = data
+    report = evaluate_robustness(
+        _broken(mlp, "weights"), [(x[:16], y[:16])], {"pgd10": PGD(EPS_8_255, steps=10)}, progress=False
+    )
+    assert "[non-finite]" in tags(report.flags), report.flags
+    assert "[randomized]" not in tags(report.flags)

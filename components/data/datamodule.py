@@ -112,16 +112,30 @@ class DataModule:
 
     # ------------------------------------------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Fail fast: raise :class:`DataNotFoundError` if the data cannot be found (or downloaded), before a
-        run builds models or starts tracking. Loads nothing."""
+    def check(self, for_training: bool = True) -> None:
+        """Fail fast, before a run builds models or starts tracking: raise :class:`DataNotFoundError` if the
+        data cannot be found (or downloaded), ``ValueError`` naming the file if a shard is unreadable or has
+        labels out of range, or if the asked splits do not fit the data or leave no full training batch.
+        Reads labels and array headers only, no pixels. ``for_training=False`` skips the one-batch check
+        (evaluation reads only the test split)."""
+        from components.data.preflight import check_split_sizes, split_sizes_on_disk
+
         check_available(self.dataset, self.data_dir, self.download)
+        check_split_sizes(
+            self.dataset,
+            split_sizes_on_disk(self.dataset, self.data_dir),
+            train_size=self.train_size,
+            val_size=self.val_size,
+            test_size=self.test_size,
+            batch_size=self.batch_size if for_training else None,
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),  # torchrun's; each rank needs a full batch
+        )
 
     def setup(self) -> None:
         """Load both splits once, carve the validation split, and move everything to ``device``."""
         if self._ready:
             return
-        self.check()
+        self.check(for_training=False)  # a training entry point checked the batch before any work
         x_train, y_train = load_arrays(self.dataset, self.data_dir, "train", self.download)
         x_test, y_test = load_arrays(self.dataset, self.data_dir, "test", self.download)
         self._set_metadata(x_train, y_train, x_test, y_test)

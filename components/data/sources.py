@@ -20,7 +20,6 @@ import hashlib
 import os
 import re
 import shutil
-import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,27 +93,14 @@ def _data_dir_origin(data_dir: str | os.PathLike[str] | None) -> str:
 
 
 def resolve_cache_dir() -> Path:
-    """A writable folder for derived files (unpacked MNIST, decoded Tiny ImageNet): ``$ROBUSTFLOW_CACHE``
-    or ``~/.cache/robustflow/data``. Data folders themselves may be read-only shared copies."""
+    """robustflow's own folder for derived files (unpacked MNIST, downloads, decoded Tiny ImageNet):
+    ``$ROBUSTFLOW_CACHE``, else ``$XDG_CACHE_HOME/robustflow/data``, else ``~/.cache/robustflow/data``.
+    Nothing is ever written into a data folder: those are read-only to robustflow."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else _DEFAULT_CACHE.expanduser()
-
-
-def _is_writable(path: Path) -> bool:
-    # os.access alone says yes to root even on folders marked read-only, and shared dataset copies are
-    # marked read-only precisely so that nobody unpacks into them: honour the mode bits as well.
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return False
-    return os.access(path, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg).expanduser() / "robustflow" / "data" if xdg else _DEFAULT_CACHE.expanduser()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,8 +274,10 @@ def _plan_cifar(
         import torchvision
 
         cls = getattr(torchvision.datasets, tv_class)
+        # A download lands in robustflow's cache, never in the data folder (read-only to robustflow).
+        tv_root = root if have_folder else resolve_cache_dir() / f"{tv_class}-download"
         try:
-            ds = cls(root=str(root), train=split == "train", download=download)
+            ds = cls(root=str(tv_root), train=split == "train", download=download)
         except (RuntimeError, OSError) as err:  # torchvision's "not found or corrupted", network failures
             looked.append(f"{base} (torchvision {tv_class}): {err}")
             raise DataNotFoundError(
@@ -322,6 +310,16 @@ def _unpacked(raw: Path, archives: list[str]) -> bool:
     return all((raw / a.removesuffix(".gz")).is_file() for a in archives)
 
 
+def _source_key(folder: Path, files: list[str]) -> str:
+    # Names a cache entry after the source folder and its files' sizes and times: two data folders never
+    # share an entry, and replaced archives are unpacked afresh.
+    parts = [str(folder.resolve())]
+    for name in files:
+        st = (folder / name).stat()
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:10]
+
+
 def _plan_mnist(
     name: str,
     root: Path,
@@ -333,30 +331,23 @@ def _plan_mnist(
     tv_class = _MNIST[name]
     archives = _mnist_files(tv_class)
     raw = root / tv_class / "raw"
-    cache = resolve_cache_dir()
-    cache_raw = cache / tv_class / "raw"
 
     if _unpacked(raw, archives):
         return lambda: _load_mnist(tv_class, root, split, download=False)
     have_archives = all((raw / a).is_file() for a in archives)
-    # Unpacked earlier from a read-only copy. The cache is used only while the data folder still has the
-    # archives, so a cache left over from another data folder cannot stand in for missing data.
-    if have_archives and _unpacked(cache_raw, archives):
-        return lambda: _load_mnist(tv_class, cache, split, download=False)
-    if have_archives or download:
-        writable = _is_writable(raw if raw.is_dir() else _nearest_existing(raw))
+    # A data folder is read-only to robustflow (a shared copy, or the user's own folder that nobody expects
+    # 55 MB to appear in): archives are unpacked, and downloads land, in robustflow's own cache.
+    if have_archives:
+        cache_root = resolve_cache_dir() / f"{tv_class}-{_source_key(raw, archives)}"
 
         def load() -> Arrays:
-            tv_root = root
-            if not writable:
-                # torchvision unpacks next to the archives, which a read-only shared copy does not allow.
-                if have_archives:
-                    _copy_files(raw, cache_raw, archives)
-                tv_root = cache
-            _gunzip_present(tv_root / tv_class / "raw", archives)
-            return _load_mnist(tv_class, tv_root, split, download, looked, data_dir)
+            _gunzip_into(raw, cache_root / tv_class / "raw", archives)
+            return _load_mnist(tv_class, cache_root, split, False, looked, data_dir)
 
         return load
+    if download:
+        cache_root = resolve_cache_dir() / f"{tv_class}-download"
+        return lambda: _load_mnist(tv_class, cache_root, split, True, looked, data_dir)
 
     looked.append(
         f"{raw}/{{{','.join(archives)}}} (torchvision {tv_class} layout): "
@@ -373,33 +364,20 @@ def _plan_mnist(
     )
 
 
-def _copy_files(src: Path, dst: Path, names: list[str]) -> None:
+def _gunzip_into(src: Path, dst: Path, archives: list[str]) -> None:
+    # torchvision only unpacks inside download(); doing it here lets download=False work from the archives
+    # alone, without torchvision ever reaching for the network. Unpacked under a temporary name and renamed,
+    # so concurrent ranks or an interrupted unpack never leave a truncated file a later run would trust.
     dst.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        target = dst / name
-        if target.is_file() and target.stat().st_size == (src / name).stat().st_size:
+    for archive in archives:
+        target = dst / archive.removesuffix(".gz")
+        if target.is_file():
             continue
-        # Copy under a temporary name and rename: concurrent ranks or an interrupted copy never leave a
-        # truncated archive that a later run would take for the real one.
-        fd, tmp = tempfile.mkstemp(dir=dst, prefix=f".{name}.")
-        os.close(fd)
-        shutil.copyfile(src / name, tmp)
+        fd, tmp = tempfile.mkstemp(dir=dst, prefix=f".{target.name}.")
+        with gzip.open(src / archive, "rb") as fin, os.fdopen(fd, "wb") as fout:
+            shutil.copyfileobj(fin, fout, length=1 << 20)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache shared by a team must stay readable
         os.replace(tmp, target)
-
-
-def _gunzip_present(raw: Path, archives: list[str]) -> None:
-    # torchvision only unpacks inside download(); doing it here lets download=False work from the archives
-    # alone, without torchvision ever reaching for the network.
-    for archive in archives:
-        src, dst = raw / archive, raw / archive.removesuffix(".gz")
-        if dst.is_file() or not src.is_file():
-            continue
-        fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{dst.name}.")
-        with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            shutil.copyfileobj(fin, fout, length=1 << 20)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
 
 
 def _load_mnist(

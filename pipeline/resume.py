@@ -1,0 +1,160 @@
+"""Resuming a run safely: refuse a config that differs from the run's own, and refuse a finished run.
+
+A resumed run must train on the config its record says it trained on: its parameters, its
+``robustflow.overrides`` tag and ``config/config.gin`` are what a reader (and the registry's model card)
+trusts. So before any work the resumed config is compared with what the run logged, and any difference is
+refused with the differing bindings listed. A FINISHED run has nothing to resume: opening it again would
+log its test metrics a second time, register a duplicate model version and stretch its duration, so that
+is refused too. Both checks run before ``mlflow.start_run`` touches the run (which would mark it RUNNING).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from pipeline.config import ConfigError
+from pipeline.tracking import MAX_PARAM_LENGTH, STARTED_TAG
+
+# Where the run trains is not part of what it trains: a run killed on one machine may resume on another
+# (its checkpoint is downloaded from the run's artifacts), so the device binding is not compared.
+IGNORED_BINDINGS = frozenset({"DataModule.device"})
+# Parameters that ``mlflow run`` logs for the entry point itself (not gin bindings) and the data summary,
+# which describes the data on disk rather than the config.
+_NON_GIN_PARAMS = frozenset({"gin", "overrides", "device", "nproc"})
+CONFIG_ARTIFACT = "config/config.gin"
+
+
+class ResumeError(ConfigError):
+    """A resume that would make the run's record untrue; the message says why and what to do instead."""
+
+
+def resume_target(run_id: str | None) -> str | None:
+    """The run this process would continue: ``--run-id``, else the run ``mlflow run`` created for it."""
+    return run_id or os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def resume_command(args: argparse.Namespace, run_id: str) -> str:
+    """The command that continues ``run_id`` with the same config, in the form this process was started."""
+    from pipeline.run_status import wrapper_pid
+
+    if wrapper_pid(run_id) is not None:
+        project = Path(__file__).resolve().parents[1]
+        params = {"gin": args.gin, "overrides": args.overrides, "device": args.device}
+        if args.nproc != 1:
+            params["nproc"] = args.nproc
+        ps = " ".join(f"-P {shlex.quote(f'{k}={v}')}" for k, v in params.items() if v != "")
+        return f"mlflow run {shlex.quote(str(project))} -e train --env-manager local --run-id {run_id} {ps}"
+    parts = ["python", "-m", "pipeline.train", "--gin", args.gin]
+    if args.overrides:
+        parts += ["--overrides", args.overrides]
+    parts += ["--device", args.device, "--run-id", run_id]
+    if args.nproc != 1:
+        parts += ["--nproc", str(args.nproc)]
+    return shlex.join(parts)
+
+
+def check_resume(
+    run_id: str | None, flat_params: Mapping[str, str], overrides: list[str], config_text: str
+) -> bool:
+    """Raise :class:`ResumeError` if continuing ``run_id`` with this config would be untrustworthy.
+
+    Returns whether this is a resume (the run already trained); a run ``mlflow run`` has just created, or no
+    run at all, is a fresh start and passes. ``flat_params`` are the gin bindings as ``flat_parameters``
+    gives them, ``overrides`` the override bindings, ``config_text`` ``gin.config_str()``.
+    """
+    if run_id is None:
+        return False
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ResumeError(f"cannot resume run {run_id}: {err.message}") from err
+    started = STARTED_TAG in run.data.tags
+    if run.info.status == "FINISHED" and started:
+        raise ResumeError(
+            f"run {run_id} is FINISHED: it trained to the end and registered its model, so there is nothing "
+            "to resume. Start a new run (drop --run-id), or evaluate the run's model with "
+            f"'python -m pipeline.evaluate --model-uri runs:/{run_id}/model'."
+        )
+    if not started:
+        return False
+    differences = config_differences(run, flat_params, overrides, config_text, client)
+    if differences:
+        listed = "\n".join(f"  - {line}" for line in differences)
+        raise ResumeError(
+            f"run {run_id} was trained with a different config; resuming it with this one would leave its "
+            f"parameters, overrides tag and config/config.gin untrue. Differences (run's value -> now):\n"
+            f"{listed}\n"
+            f"Resume with the run's own config (gin={run.data.tags.get('robustflow.gin', '?')!r}, "
+            f"overrides={run.data.tags.get('robustflow.overrides', '')!r}), or start a new run."
+        )
+    return True
+
+
+def config_differences(
+    run: mlflow.entities.Run,
+    flat_params: Mapping[str, str],
+    overrides: list[str],
+    config_text: str,
+    client: mlflow.MlflowClient | None = None,
+) -> list[str]:
+    """Human-readable differences between ``run``'s logged config and the given one (empty: same config)."""
+    logged = {
+        k: v
+        for k, v in run.data.params.items()
+        if k not in _NON_GIN_PARAMS and not k.startswith("data.") and k not in IGNORED_BINDINGS
+    }
+    now = {k: _as_logged(v) for k, v in flat_params.items() if k not in IGNORED_BINDINGS}
+    out = []
+    for key in sorted(set(logged) | set(now)):
+        was, is_ = logged.get(key, "<unset>"), now.get(key, "<unset>")
+        if was != is_:
+            out.append(f"{key}: {was} -> {is_}")
+    logged_overrides = run.data.tags.get("robustflow.overrides", "")
+    if logged_overrides != "; ".join(overrides):
+        out.append(f"overrides: {logged_overrides!r} -> {'; '.join(overrides)!r}")
+    if not out:
+        # Parameters are truncated for MLflow; the logged config file holds every value whole.
+        out += _config_file_differences(run.info.run_id, config_text, client or mlflow.MlflowClient())
+    return out
+
+
+def _as_logged(value: object) -> str:
+    # What ``tracking.log_params`` stores for a value (MLflow rejects longer ones).
+    text = str(value)
+    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+
+
+def _config_lines(text: str) -> list[str]:
+    keep = []
+    for line in text.splitlines():
+        name = line.split("=", 1)[0].strip()
+        if line.strip() and name not in IGNORED_BINDINGS:
+            keep.append(line.rstrip())
+    return keep
+
+
+def _config_file_differences(run_id: str, config_text: str, client: mlflow.MlflowClient) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            return []  # an older run without the file: the parameters were all there is to compare
+        logged = _config_lines(Path(path).read_text())
+    now = _config_lines(config_text)
+    gone = [line for line in logged if line not in now]
+    new = [line for line in now if line not in logged]
+    return [f"{CONFIG_ARTIFACT}: was {line!r}" for line in gone] + [
+        f"{CONFIG_ARTIFACT}: now {line!r}" for line in new
+    ]
+
+
+__all__ = ["ResumeError", "check_resume", "config_differences", "resume_command", "resume_target"]
