@@ -6,6 +6,11 @@ version only if its ``val/pgd20_acc`` is strictly higher than the current champi
 version. The rule is applied by re-reading every version's score after registering, so two workers
 registering at once still leave the alias on the best version.
 
+Only trustworthy runs are registered (``pipeline.trust``): a run that did not end FINISHED, logged a
+non-finite training loss, or whose best checkpoint holds non-finite weights is refused with a log line
+and a ``robustflow.registration`` tag on the run. ``champion`` only ever points at a version that passed
+those checks (tag ``robustflow.checks = passed``); a version created any other way is never champion.
+
 Two ways back to a model:
 
 * ``load_model(uri)`` (robustflow's loader): rebuilds the real ``nn.Module`` class from the run's gin
@@ -18,7 +23,9 @@ Two ways back to a model:
 from __future__ import annotations
 
 import contextlib
+import math
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +40,8 @@ from torch import nn
 
 CHAMPION = "champion"
 SCORE_TAG = "val_pgd20_acc"
+CHECKS_TAG = "robustflow.checks"
+REFUSED_TAG = "robustflow.registration"
 MODEL_ARTIFACT = "model"
 
 
@@ -96,9 +105,14 @@ def log_model(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     return info.model_uri
 
 
+def _eligible_score(tags: dict[str, str]) -> float:
+    """A version's score if it may hold ``champion`` (passed the checks, finite score), else -inf."""
+    score = float(tags.get(SCORE_TAG, "-inf"))
+    return score if tags.get(CHECKS_TAG) == "passed" and math.isfinite(score) else -math.inf
+
+
 def _score(client: mlflow.MlflowClient, name: str, version: str) -> float:
-    tags = client.get_model_version(name, version).tags
-    return float(tags.get(SCORE_TAG, "-inf"))
+    return _eligible_score(client.get_model_version(name, version).tags)
 
 
 def settle_champion(name: str, attempts: int = 5) -> str | None:
@@ -122,20 +136,35 @@ def _settle_once(name: str) -> str | None:
     versions = client.search_model_versions(f"name = '{name}'")
     if not versions:
         return None
-    best = max(versions, key=lambda v: (float(v.tags.get(SCORE_TAG, "-inf")), -int(v.version)))
+    best = max(versions, key=lambda v: (_eligible_score(v.tags), -int(v.version)))
+    if _eligible_score(best.tags) == -math.inf:
+        return None  # no version may hold the alias
     try:
         current = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         current = None
-    if current is None or _score(client, name, current) < float(best.tags.get(SCORE_TAG, "-inf")):
+    if current is None or _score(client, name, current) < _eligible_score(best.tags):
         client.set_registered_model_alias(name, CHAMPION, best.version)
         return str(best.version)
     return current
 
 
-def register(run_id: str, name: str, model_uri: str, score: float, card: str) -> Registered:
-    """Register ``model_uri`` as a new version of ``name`` and apply the champion rule."""
+def register(run_id: str, name: str, model_uri: str, score: float, card: str) -> Registered | None:
+    """Register ``model_uri`` as a new version of ``name`` and apply the champion rule.
+
+    Call it after the run ended: a run that is not FINISHED, or fails any other check of
+    ``pipeline.trust.untrustworthy``, is refused (``None``, a log line and a tag on the run say why).
+    """
+    from pipeline.trust import untrustworthy
+
     client = mlflow.MlflowClient()
+    reasons = untrustworthy(run_id, score)
+    if reasons:
+        why = "; ".join(reasons)
+        print(f"robustflow: NOT registering run {run_id} as a version of {name}: {why}", file=sys.stderr)
+        with contextlib.suppress(MlflowException):  # a deleted run cannot be tagged; the log line stands
+            client.set_tag(run_id, REFUSED_TAG, f"refused: {why}")
+        return None
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -144,7 +173,7 @@ def register(run_id: str, name: str, model_uri: str, score: float, card: str) ->
                 name, description=f"robustflow experiment {name}: best robust model per run"
             )
     version = client.create_model_version(
-        name, model_uri, run_id=run_id, description=card, tags={SCORE_TAG: repr(score)}
+        name, model_uri, run_id=run_id, description=card, tags={SCORE_TAG: repr(score), CHECKS_TAG: "passed"}
     )
     champion = settle_champion(name)
     number = str(version.version)

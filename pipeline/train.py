@@ -247,18 +247,20 @@ def train_experiment(
             mlflow.log_figure(figure, "plots/training_curves.png")
             plt.close(figure)
         print("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()), file=sys.stderr)
-        registered = None
         if register_model:
             # test_metrics left the best checkpoint's weights in the target: that is what gets registered.
             uri = log_model(exp.graph.target, exp.data.image_shape)
             card = model_card(run_id, model_name, best_score, exp.data.summary(), config_text)
             mlflow.log_text(card, "model_card.md")
-            registered = register(run_id, model_name, uri, best_score, card)
+        print(f"robustflow: run {run_id} finished (experiment {model_name})", file=sys.stderr)
+    registered = None
+    if register_model:  # after the run ended: the registry only takes FINISHED runs
+        registered = register(run_id, model_name, uri, best_score, card)
+        if registered is not None:
             state = "now champion" if registered.champion else "champion unchanged"
             print(
                 f"robustflow: registered {model_name} version {registered.version} ({state})", file=sys.stderr
             )
-        print(f"robustflow: run {run_id} finished (experiment {model_name})", file=sys.stderr)
     return {"run_id": run_id, "best_score": best_score, "test": test, "registered": registered}
 
 

@@ -3,13 +3,24 @@
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from components.backbones import build_backbone
-from pipeline.registry import CHAMPION, SCORE_TAG, log_model, register, run_of, settle_champion
+from components.checkpoint import save_checkpoint
+from pipeline.registry import (
+    CHAMPION,
+    REFUSED_TAG,
+    SCORE_TAG,
+    log_model,
+    register,
+    run_of,
+    settle_champion,
+)
 from pipeline.train import main
 
 TINY = (
@@ -18,10 +29,26 @@ TINY = (
 )
 
 
-def _register_dummy(name, score):
-    with mlflow.start_run() as run:
-        uri = log_model(build_backbone("small_cnn", num_classes=10, width=8), (3, 32, 32))
-        return register(run.info.run_id, name, uri, score, card=f"score {score}")
+def _dummy_run(losses=(2.3, 1.9), weight_fill=None, status="FINISHED"):
+    """A finished run shaped like a training run: loss history, a best checkpoint, a logged model."""
+    model = build_backbone("small_cnn", num_classes=10, width=8)
+    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+        for step, loss in enumerate(losses, 1):
+            mlflow.log_metric("train/loss", loss, step=step)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if weight_fill is not None:
+            next(v for v in state.values() if v.is_floating_point()).fill_(weight_fill)
+        save_checkpoint({"model": state, "epoch": len(losses), "metrics": {}}, Path(tmp) / "best.pt")
+        mlflow.log_artifact(str(Path(tmp) / "best.pt"), "checkpoints")
+        uri = log_model(model, (3, 32, 32))
+    if status != "FINISHED":
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status)
+    return run.info.run_id, uri
+
+
+def _register_dummy(name, score, **run):
+    run_id, uri = _dummy_run(**run)
+    return register(run_id, name, uri, score, card=f"score {score}")
 
 
 def champion(name):
@@ -43,6 +70,39 @@ def test_settle_repairs_an_alias_left_on_a_worse_version(mlflow_store):
     _register_dummy("race", 0.1)
     mlflow.MlflowClient().set_registered_model_alias("race", CHAMPION, "2")  # a lost race
     assert settle_champion("race") == "1" and champion("race") == "1"
+
+
+@pytest.mark.parametrize(
+    ("run", "why"),
+    [
+        ({"losses": (2.3, float("nan"))}, "non-finite training loss (train/loss@step 2 = nan)"),
+        ({"losses": (2.3, float("inf"))}, "non-finite training loss (train/loss@step 2 = inf)"),
+        ({"weight_fill": float("nan")}, "best checkpoint holds non-finite weights"),
+        ({"status": "KILLED"}, "did not finish (status KILLED)"),
+        ({"status": "FAILED"}, "did not finish (status FAILED)"),
+    ],
+)
+def test_an_untrustworthy_run_is_never_registered_nor_champion(mlflow_store, capsys, run, why):
+    assert _register_dummy("t", 0.30).champion  # a sound version 1 holds the alias
+    run_id, uri = _dummy_run(**run)
+    assert register(run_id, "t", uri, 0.99, card="better on paper") is None  # far better score, refused
+    assert why in capsys.readouterr().err
+    assert why in mlflow.get_run(run_id).data.tags[REFUSED_TAG]
+    assert [str(v.version) for v in mlflow.MlflowClient().search_model_versions("name = 't'")] == ["1"]
+    assert champion("t") == "1"
+
+
+def test_a_non_finite_score_is_refused(mlflow_store, capsys):
+    assert _register_dummy("s", float("nan")) is None
+    assert "selection score is nan" in capsys.readouterr().err
+
+
+def test_champion_never_moves_to_a_version_registered_around_the_checks(mlflow_store):
+    _register_dummy("side", 0.30)
+    run_id, uri = _dummy_run(losses=(float("nan"),))
+    # Registered by hand (UI, client): no checks tag, so it may never hold the alias, whatever its score.
+    mlflow.MlflowClient().create_model_version("side", uri, run_id=run_id, tags={SCORE_TAG: "0.99"})
+    assert settle_champion("side") == "1" and champion("side") == "1"
 
 
 def test_run_of_resolves_every_uri_form(mlflow_store):
