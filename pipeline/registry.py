@@ -28,9 +28,10 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import numpy as np
@@ -43,6 +44,7 @@ SCORE_TAG = "val_pgd20_acc"
 CHECKS_TAG = "robustflow.checks"
 REFUSED_TAG = "robustflow.registration"
 MODEL_ARTIFACT = "model"
+T = TypeVar("T")
 
 
 @dataclass
@@ -85,8 +87,11 @@ def model_card(run_id: str, name: str, score: float, data_summary: dict[str, Any
     return "\n".join(lines) + "\n"
 
 
-def log_model(model: nn.Module, input_shape: tuple[int, ...]) -> str:
-    """Log ``model`` (eval mode, CPU) to the active run as MLflow's pt2 pytorch model; returns its URI."""
+def log_model(model: nn.Module, input_shape: tuple[int, ...], name: str = MODEL_ARTIFACT) -> str:
+    """Log ``model`` (eval mode, CPU) to the active run as MLflow's pt2 pytorch model; returns its URI.
+
+    ``name`` is the logged model's name in the UI (train passes the experiment's ``MODEL_NAME``).
+    """
     model = model.eval()
     device = next(model.parameters()).device
     cpu_model = model.to("cpu")
@@ -95,7 +100,7 @@ def log_model(model: nn.Module, input_shape: tuple[int, ...]) -> str:
         # Explicit requirements: MLflow's inference of them costs 10+ s per run and adds nothing here.
         info = mlflow.pytorch.log_model(
             cpu_model,
-            name=MODEL_ARTIFACT,
+            name=name,
             input_example=example,
             serialization_format="pt2",
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
@@ -149,6 +154,26 @@ def _settle_once(name: str) -> str | None:
     return current
 
 
+REGISTERED_DESCRIPTION = (
+    "robustflow experiment `{name}`: one version per trustworthy training run; the alias `champion` is on "
+    "the version with the best validation PGD-20 accuracy. Load it as a real `nn.Module` with "
+    "`pipeline.registry.load_model('models:/{name}@champion')` (`mlflow.pytorch.load_model` gives a "
+    "torch.export GraphModule, already in eval mode, whose `.eval()`/`.train()` raise NotImplementedError)."
+)
+
+
+def _with_retries(call: Callable[[], T], attempts: int = 5) -> T:
+    """``call()``, retried on MlflowException: concurrent first registrations can collide in the store."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def register(run_id: str, name: str, model_uri: str, score: float, card: str) -> Registered | None:
     """Register ``model_uri`` as a new version of ``name`` and apply the champion rule.
 
@@ -165,16 +190,13 @@ def register(run_id: str, name: str, model_uri: str, score: float, card: str) ->
         with contextlib.suppress(MlflowException):  # a deleted run cannot be tagged; the log line stands
             client.set_tag(run_id, REFUSED_TAG, f"refused: {why}")
         return None
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        with contextlib.suppress(MlflowException):  # another worker may create it at the same moment
-            client.create_registered_model(
-                name, description=f"robustflow experiment {name}: best robust model per run"
-            )
-    version = client.create_model_version(
-        name, model_uri, run_id=run_id, description=card, tags={SCORE_TAG: repr(score), CHECKS_TAG: "passed"}
-    )
+    # mlflow.register_model links the version to the logged model (its page lists the version) and
+    # creates the registered model on first use, tolerating another worker creating it at the same moment.
+    tags = {SCORE_TAG: repr(score), CHECKS_TAG: "passed"}
+    version = _with_retries(lambda: mlflow.register_model(model_uri, name, tags=tags))
+    client.update_model_version(name, version.version, description=card)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=REGISTERED_DESCRIPTION.format(name=name))
     champion = settle_champion(name)
     number = str(version.version)
     return Registered(name=name, version=number, score=score, champion=champion == number)

@@ -249,7 +249,7 @@ def train_experiment(
         print("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()), file=sys.stderr)
         if register_model:
             # test_metrics left the best checkpoint's weights in the target: that is what gets registered.
-            uri = log_model(exp.graph.target, exp.data.image_shape)
+            uri = log_model(exp.graph.target, exp.data.image_shape, name=model_name)
             card = model_card(run_id, model_name, best_score, exp.data.summary(), config_text)
             mlflow.log_text(card, "model_card.md")
         print(f"robustflow: run {run_id} finished (experiment {model_name})", file=sys.stderr)

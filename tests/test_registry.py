@@ -1,5 +1,6 @@
 """The model registry: a version per training run, the champion alias on the most robust one."""
 
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,20 @@ def test_champion_never_moves_to_a_version_registered_around_the_checks(mlflow_s
     assert settle_champion("side") == "1" and champion("side") == "1"
 
 
+def test_a_version_is_linked_to_its_logged_model(mlflow_store):
+    run_id, uri = _dummy_run()
+    reg = register(run_id, "linked", uri, 0.3, card="the card")
+    client = mlflow.MlflowClient()
+    version = client.get_model_version("linked", reg.version)
+    model_id = uri.removeprefix("models:/")
+    # The SQL store keeps the link as the version's source (it has no model_id column).
+    assert version.source == uri and version.run_id == run_id and version.description == "the card"
+    # The logged model's page lists the version ("Model versions"), which create_model_version never set.
+    links = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert [(v["name"], str(v["version"])) for v in links] == [("linked", "1")]
+    assert "pipeline.registry.load_model" in client.get_registered_model("linked").description
+
+
 def test_run_of_resolves_every_uri_form(mlflow_store):
     reg = _register_dummy("u", 0.1)
     run_id = mlflow.MlflowClient().get_model_version("u", reg.version).run_id
@@ -116,6 +131,10 @@ def test_run_of_resolves_every_uri_form(mlflow_store):
 def test_trained_model_loads_in_a_fresh_process_from_another_directory(shared_data, mlflow_store, tmp_path):
     assert main(["--gin", "d2r_cag_cifar10,smoke", "--overrides", TINY]) == 0
     assert champion("d2r_cag_cifar10") == "1"
+    client = mlflow.MlflowClient()
+    source = client.get_model_version("d2r_cag_cifar10", "1").source
+    logged = client.get_logged_model(source.removeprefix("models:/"))
+    assert logged.name == "d2r_cag_cifar10"  # named after MODEL_NAME, not "model"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     script = textwrap.dedent(
