@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import mlflow
 import numpy as np
@@ -55,36 +55,6 @@ class Registered:
     version: str
     score: float
     champion: bool
-
-
-def model_card(run_id: str, name: str, score: float, data_summary: dict[str, Any], config: str) -> str:
-    """A short markdown card: what was trained on what, how robust, and how to re-create it."""
-    run = mlflow.get_run(run_id)
-    metrics = run.data.metrics
-    lines = [
-        f"# {name}",
-        "",
-        f"Trained by MLflow run `{run_id}` (experiment id {run.info.experiment_id}); "
-        f"gin: `{run.data.tags.get('robustflow.gin', '?')}`, "
-        f"overrides: `{run.data.tags.get('robustflow.overrides', '')}`.",
-        "",
-        f"Selected by validation PGD-20 accuracy: **{score:.4f}** (a split held out of the training set).",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/best"))),
-        "",
-        "Data: " + ", ".join(f"{k}={v}" for k, v in data_summary.items()),
-        "",
-        "Inputs are images in [0, 1] (normalization, if any, is inside the model); eps is in pixel space.",
-        "Re-create: `mlflow run . -e train -P gin=<config.gin downloaded from the run>`.",
-        "",
-        "## Gin config",
-        "```",
-        config.strip(),
-        "```",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def log_model(model: nn.Module, input_shape: tuple[int, ...], name: str = MODEL_ARTIFACT) -> str:
