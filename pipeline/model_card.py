@@ -18,6 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # Local facts about one machine: never on a card another person reads.
 PRIVATE_DATA_KEYS = ("data_dir",)
+CARD_LIMIT = 5000
 
 
 def code_commit(tags: dict[str, str]) -> str:
@@ -106,9 +107,14 @@ def model_card(
         "Re-create: `mlflow run . -e train -P gin=<config.gin downloaded from the run> "
         f"--experiment-name {name} --env-manager local`.",
         "",
-        "## Gin config",
-        "```",
-        config.strip(),
-        "```",
     ]
-    return "\n".join(lines) + "\n"
+    head = "\n".join(lines) + "\n"
+    # Model version descriptions are VARCHAR(5000) in MLflow's SQL stores (PostgreSQL enforces it).
+    note = "\n(cut to fit the model page; the whole file is the run's artifact `config/config.gin`)\n"
+    room = CARD_LIMIT - len(head) - len("## Gin config\n```\n\n```\n") - len(note)
+    text = config.strip()
+    if len(text) > room:
+        text = text[: max(room, 0)].rsplit("\n", 1)[0]
+    else:
+        note = ""
+    return f"{head}## Gin config\n```\n{text}\n```\n{note}"
