@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "d2r_cag_cifar10"
-TRIALS = 4
+TRIALS = 3
 # Tiny, still real trials: 128 training images, 1 epoch, 1-step CAG, PGD-20 validation on 64 images.
 TINY = (
     "EPOCHS = 1; DataModule.train_size = 128; DataModule.val_size = 64; DataModule.test_size = 64; "
@@ -157,12 +157,23 @@ def test_three_workers_on_postgres_and_a_tracking_server(shared_data, postgres, 
         env.pop(key, None)
     cmd = [
         sys.executable, "-m", "pipeline.tune", "--gin", f"{MODEL},smoke", "--overrides", TINY,
-        "--device", "cpu",
-        "--n-trials", str(TRIALS), "--storage", storage, "--study", "team", "--pruner", "none",
-        "--heartbeat-interval", "2", "--grace-period", "60",
+        "--device", "cpu", "--n-trials", str(TRIALS), "--storage", storage, "--study", "team",
+        "--pruner", "none", "--heartbeat-interval", "1", "--grace-period", "5",
     ]  # fmt: skip
+    # A first worker creates the study and dies mid-trial (SIGKILL: no clean-up at all).
+    doomed = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in doomed.stderr:
+        seen.append(line)
+        if line.startswith("epoch 1/1"):
+            doomed.kill()
+            break
+    assert doomed.wait(timeout=60) == -9, "".join(seen[-40:])
+    (stuck,) = optuna.load_study(study_name="team", storage=storage).trials
+    assert stuck.state == TrialState.RUNNING
+
     workers = []
-    for i in range(3):  # all three at once: the study, its tables and the experiment do not exist yet
+    for i in range(3):  # three at once
         err = (tmp_path / f"worker{i}.err").open("wb")
         workers.append((subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=err, stderr=err), err))
     said = []
@@ -174,19 +185,26 @@ def test_three_workers_on_postgres_and_a_tracking_server(shared_data, postgres, 
 
     study = optuna.load_study(study_name="team", storage=storage)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.number for t in complete) == list(range(TRIALS)), "\n".join(said)  # none lost, none twice
-    assert all(t.state == TrialState.WAITING and not t.params for t in study.trials if t not in complete)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(complete) == TRIALS, "\n".join(said)  # exactly the requested number, none run twice
+    assert [t.number for t in failed] == [stuck.number]  # the dead worker's trial, failed by heartbeat...
+    (retry,) = [t for t in complete if t.system_attrs.get("failed_trial") == stuck.number]
+    assert retry.params == failed[0].params  # ...and run again with the same parameters
+    leftover = [t for t in study.trials if t not in complete and t not in failed]
+    assert all(t.state == TrialState.WAITING and not t.params for t in leftover)
 
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(MODEL).experiment_id], max_results=1000)
     (parent,) = [r for r in runs if r.data.tags.get("robustflow.tune.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == list(range(TRIALS))
+    trial_numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in children)
+    assert trial_numbers == sorted(t.number for t in [*complete, *failed])  # every trial nested, once
     by_run = {r.info.run_id: r for r in children}
-    assert {t.user_attrs[RUN_ATTR] for t in complete} == set(by_run)  # one run per trial, each nested
+    assert {t.user_attrs[RUN_ATTR] for t in [*complete, *failed]} == set(by_run)  # one run per trial
     assert all(by_run[t.user_attrs[RUN_ATTR]].info.status == "FINISHED" for t in complete)
+    assert by_run[failed[0].user_attrs[RUN_ATTR]].info.status == "FAILED"
 
-    # Every trial registered a version; champion is the best trial's (ties: the older version).
+    # Every completed trial registered a version, the dead one none; champion is the best trial's.
     versions = client.search_model_versions(f"name = '{MODEL}'")
     assert sorted(int(v.version) for v in versions) == list(range(1, TRIALS + 1))
     best = max(complete, key=lambda t: (t.value, -int(t.user_attrs[VERSION_ATTR])))
