@@ -247,14 +247,15 @@ def train_experiment(
         selection = exp.trainer.selection_metric
         best_score = float(result.best[selection])
         test = test_metrics(exp, result.best_checkpoint)
-        best_epoch = int(test.pop("test/best_epoch"))
+        best_epoch = int(test["test/best_epoch"])  # kept in the returned dict: the tuner reads it
         mlflow.set_tag("robustflow.best_epoch", best_epoch)  # a label, not a curve
-        mlflow.log_metrics({**test, f"val/best_{selection.split('/', 1)[1]}": best_score})
+        logged = {k: v for k, v in test.items() if k != "test/best_epoch"}
+        mlflow.log_metrics({**logged, f"val/best_{selection.split('/', 1)[1]}": best_score})
         if result.history:
             figure = training_curves(result.history, selection, f"{model_name}: {name}", best_epoch)
             mlflow.log_figure(figure, "plots/training_curves.png")
             plt.close(figure)
-        print("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()), file=sys.stderr)
+        print("test: " + " ".join(f"{k}={v:.4f}" for k, v in logged.items()), file=sys.stderr)
         if register_model:
             # test_metrics left the best checkpoint's weights in the target: that is what gets registered.
             uri = log_model(exp.graph.target, exp.data.image_shape, name=model_name)
