@@ -168,3 +168,17 @@ def test_trained_model_loads_in_a_fresh_process_from_another_directory(shared_da
     assert "LOADED SmallCNN" in out.stdout
     # If this fails, mlflow.pytorch.load_model now gives a module whose .eval() works: update the README.
     assert "EXPORTED_EVAL_RAISES" in out.stdout
+
+
+def test_evaluate_finds_the_logged_model_and_version_behind_every_uri_form(mlflow_store):
+    from pipeline.model_results import evaluated_model
+
+    _register_dummy("e", 0.2)
+    run_id, uri = _dummy_run()
+    reg = register(run_id, "e", uri, 0.4, card="c")
+    model_id = uri.removeprefix("models:/")
+    for form in ("models:/e@champion", f"models:/e/{reg.version}", f"runs:/{run_id}/model"):
+        found_id, version = evaluated_model(form, run_id)
+        assert found_id == model_id and str(version.version) == reg.version == "2", form
+    lone, lone_uri = _dummy_run()  # logged but never registered: the model, no version
+    assert evaluated_model(f"runs:/{lone}/model", lone) == (lone_uri.removeprefix("models:/"), None)
