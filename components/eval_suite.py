@@ -347,7 +347,11 @@ def evaluate_robustness(
     if max_examples is not None:
         total = max_examples if total is None else min(total, max_examples)
     bar = tqdm(
-        total=total, unit="img", desc=f"eval {suite or ''}".strip(), file=sys.stderr, disable=not progress
+        total=total,
+        unit="img",
+        desc=f"eval {suite or ''}".strip(),
+        file=sys.stderr,
+        disable=None if progress else True,  # None: off when stderr is not a terminal
     )
     fork = [device.index or 0] if device.type == "cuda" else []
     start = time.perf_counter()

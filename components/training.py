@@ -262,7 +262,7 @@ class Trainer:
             loader,
             desc=f"epoch {epoch}/{self.epochs}",
             file=sys.stderr,
-            disable=not self.progress,
+            disable=None if self.progress else True,  # None: off when stderr is not a terminal
             leave=False,
             dynamic_ncols=True,
         )

@@ -260,17 +260,36 @@ def macro(name: str, default: Any = None) -> Any:
     return gin.query_parameter(f"%{name}") if name in defined_macros() else default
 
 
+def _resolved(value: Any) -> str:
+    """``repr`` of a bound value with every ``%MACRO`` replaced by the macro's value (``@refs`` stay)."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        if value.selector == "gin.macro":
+            return _resolved(gin.config._CONFIG[(value.scoped_selector.split("/")[0], "gin.macro")]["value"])
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_resolved(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_resolved(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_resolved(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
+
+
 def flat_parameters() -> dict[str, str]:
-    """Every bound gin parameter as ``'scope/Configurable.param' -> value`` strings (for MLflow params)."""
+    """Every bound gin parameter as ``'scope/Configurable.param' -> value`` strings (for MLflow params).
+
+    Macro references show their values (``Trainer.epochs`` is ``'2'``, not ``'%EPOCHS'``): a param is
+    read where the UI compares runs, and a ``%NAME`` there would hide the difference.
+    """
     flat = {}
     for (scope, selector), params in sorted(gin.config._CONFIG.items()):
         if selector == "gin.macro":
-            flat[scope] = repr(params.get("value"))
+            flat[scope] = _resolved(params.get("value"))
             continue
         prefix = f"{scope}/" if scope else ""
         short = selector.rsplit(".", 1)[-1]
         for param, value in params.items():
-            flat[f"{prefix}{short}.{param}"] = repr(value) if not isinstance(value, str) else value
+            flat[f"{prefix}{short}.{param}"] = _resolved(value) if not isinstance(value, str) else value
     return flat
 
 

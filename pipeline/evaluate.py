@@ -29,6 +29,7 @@ import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from pipeline.config import ConfigError  # noqa: E402
+from pipeline.model_results import log_results  # noqa: E402
 from pipeline.registry import load_model, run_of  # noqa: E402
 from pipeline.tracking import configure_tracking  # noqa: E402
 from pipeline.train import EXIT_USAGE, resolve_device  # noqa: E402
@@ -160,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             {"eval.model_uri": args.model_uri, "eval.suite": args.suite, "eval.eps": args.eps,
              "eval.n_examples": report.n_examples, "eval.seed": args.seed}
         )  # fmt: skip
-        mlflow.log_metrics(report.to_metrics(prefix="test/", primary_eps=eps_list[0]))
+        # Against the evaluated model too: its page and its registered version show the numbers.
+        metrics = report.to_metrics(prefix="test/", primary_eps=eps_list[0])
+        log_results(report, metrics, eps_list, args.model_uri, train_run_id)
         mlflow.log_artifacts(str(out_dir), "evaluation")
     print(table)
     for flag in report.flags:

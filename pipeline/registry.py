@@ -6,6 +6,11 @@ version only if its ``val/pgd20_acc`` is strictly higher than the current champi
 version. The rule is applied by re-reading every version's score after registering, so two workers
 registering at once still leave the alias on the best version.
 
+Only trustworthy runs are registered (``pipeline.trust``): a run that did not end FINISHED, logged a
+non-finite training loss, or whose best checkpoint holds non-finite weights is refused with a log line
+and a ``robustflow.registration`` tag on the run. ``champion`` only ever points at a version that passed
+those checks (tag ``robustflow.checks = passed``); a version created any other way is never champion.
+
 Two ways back to a model:
 
 * ``load_model(uri)`` (robustflow's loader): rebuilds the real ``nn.Module`` class from the run's gin
@@ -18,12 +23,15 @@ Two ways back to a model:
 from __future__ import annotations
 
 import contextlib
+import math
 import re
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import mlflow
 import numpy as np
@@ -33,7 +41,10 @@ from torch import nn
 
 CHAMPION = "champion"
 SCORE_TAG = "val_pgd20_acc"
+CHECKS_TAG = "robustflow.checks"
+REFUSED_TAG = "robustflow.registration"
 MODEL_ARTIFACT = "model"
+T = TypeVar("T")
 
 
 @dataclass
@@ -46,38 +57,11 @@ class Registered:
     champion: bool
 
 
-def model_card(run_id: str, name: str, score: float, data_summary: dict[str, Any], config: str) -> str:
-    """A short markdown card: what was trained on what, how robust, and how to re-create it."""
-    run = mlflow.get_run(run_id)
-    metrics = run.data.metrics
-    lines = [
-        f"# {name}",
-        "",
-        f"Trained by MLflow run `{run_id}` (experiment id {run.info.experiment_id}); "
-        f"gin: `{run.data.tags.get('robustflow.gin', '?')}`, "
-        f"overrides: `{run.data.tags.get('robustflow.overrides', '')}`.",
-        "",
-        f"Selected by validation PGD-20 accuracy: **{score:.4f}** (a split held out of the training set).",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/best"))),
-        "",
-        "Data: " + ", ".join(f"{k}={v}" for k, v in data_summary.items()),
-        "",
-        "Inputs are images in [0, 1] (normalization, if any, is inside the model); eps is in pixel space.",
-        "Re-create: `mlflow run . -e train -P gin=<config.gin downloaded from the run>`.",
-        "",
-        "## Gin config",
-        "```",
-        config.strip(),
-        "```",
-    ]
-    return "\n".join(lines) + "\n"
+def log_model(model: nn.Module, input_shape: tuple[int, ...], name: str = MODEL_ARTIFACT) -> str:
+    """Log ``model`` (eval mode, CPU) to the active run as MLflow's pt2 pytorch model; returns its URI.
 
-
-def log_model(model: nn.Module, input_shape: tuple[int, ...]) -> str:
-    """Log ``model`` (eval mode, CPU) to the active run as MLflow's pt2 pytorch model; returns its URI."""
+    ``name`` is the logged model's name in the UI (train passes the experiment's ``MODEL_NAME``).
+    """
     model = model.eval()
     device = next(model.parameters()).device
     cpu_model = model.to("cpu")
@@ -86,7 +70,7 @@ def log_model(model: nn.Module, input_shape: tuple[int, ...]) -> str:
         # Explicit requirements: MLflow's inference of them costs 10+ s per run and adds nothing here.
         info = mlflow.pytorch.log_model(
             cpu_model,
-            name=MODEL_ARTIFACT,
+            name=name,
             input_example=example,
             serialization_format="pt2",
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
@@ -96,9 +80,14 @@ def log_model(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     return info.model_uri
 
 
+def _eligible_score(tags: dict[str, str]) -> float:
+    """A version's score if it may hold ``champion`` (passed the checks, finite score), else -inf."""
+    score = float(tags.get(SCORE_TAG, "-inf"))
+    return score if tags.get(CHECKS_TAG) == "passed" and math.isfinite(score) else -math.inf
+
+
 def _score(client: mlflow.MlflowClient, name: str, version: str) -> float:
-    tags = client.get_model_version(name, version).tags
-    return float(tags.get(SCORE_TAG, "-inf"))
+    return _eligible_score(client.get_model_version(name, version).tags)
 
 
 def settle_champion(name: str, attempts: int = 5) -> str | None:
@@ -122,30 +111,62 @@ def _settle_once(name: str) -> str | None:
     versions = client.search_model_versions(f"name = '{name}'")
     if not versions:
         return None
-    best = max(versions, key=lambda v: (float(v.tags.get(SCORE_TAG, "-inf")), -int(v.version)))
+    best = max(versions, key=lambda v: (_eligible_score(v.tags), -int(v.version)))
+    if _eligible_score(best.tags) == -math.inf:
+        return None  # no version may hold the alias
     try:
         current = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         current = None
-    if current is None or _score(client, name, current) < float(best.tags.get(SCORE_TAG, "-inf")):
+    if current is None or _score(client, name, current) < _eligible_score(best.tags):
         client.set_registered_model_alias(name, CHAMPION, best.version)
         return str(best.version)
     return current
 
 
-def register(run_id: str, name: str, model_uri: str, score: float, card: str) -> Registered:
-    """Register ``model_uri`` as a new version of ``name`` and apply the champion rule."""
+REGISTERED_DESCRIPTION = (
+    "robustflow experiment `{name}`: one version per trustworthy training run; the alias `champion` is on "
+    "the version with the best validation PGD-20 accuracy. Load it as a real `nn.Module` with "
+    "`pipeline.registry.load_model('models:/{name}@champion')` (`mlflow.pytorch.load_model` gives a "
+    "torch.export GraphModule, already in eval mode, whose `.eval()`/`.train()` raise NotImplementedError)."
+)
+
+
+def _with_retries(call: Callable[[], T], attempts: int = 5) -> T:
+    """``call()``, retried on MlflowException: concurrent first registrations can collide in the store."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def register(run_id: str, name: str, model_uri: str, score: float, card: str) -> Registered | None:
+    """Register ``model_uri`` as a new version of ``name`` and apply the champion rule.
+
+    Call it after the run ended: a run that is not FINISHED, or fails any other check of
+    ``pipeline.trust.untrustworthy``, is refused (``None``, a log line and a tag on the run say why).
+    """
+    from pipeline.trust import untrustworthy
+
     client = mlflow.MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        with contextlib.suppress(MlflowException):  # another worker may create it at the same moment
-            client.create_registered_model(
-                name, description=f"robustflow experiment {name}: best robust model per run"
-            )
-    version = client.create_model_version(
-        name, model_uri, run_id=run_id, description=card, tags={SCORE_TAG: repr(score)}
-    )
+    reasons = untrustworthy(run_id, score)
+    if reasons:
+        why = "; ".join(reasons)
+        print(f"robustflow: NOT registering run {run_id} as a version of {name}: {why}", file=sys.stderr)
+        with contextlib.suppress(MlflowException):  # a deleted run cannot be tagged; the log line stands
+            client.set_tag(run_id, REFUSED_TAG, f"refused: {why}")
+        return None
+    # mlflow.register_model links the version to the logged model (its page lists the version) and
+    # creates the registered model on first use, tolerating another worker creating it at the same moment.
+    tags = {SCORE_TAG: repr(score), CHECKS_TAG: "passed"}
+    version = _with_retries(lambda: mlflow.register_model(model_uri, name, tags=tags))
+    client.update_model_version(name, version.version, description=card)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=REGISTERED_DESCRIPTION.format(name=name))
     champion = settle_champion(name)
     number = str(version.version)
     return Registered(name=name, version=number, score=score, champion=champion == number)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,20 +20,33 @@ MAX_PARAM_LENGTH = 6000
 
 
 def configure_tracking() -> str:
-    """Use ``MLFLOW_TRACKING_URI`` when set, else MLflow's embedded default, sqlite in the working dir."""
+    """Use ``MLFLOW_TRACKING_URI`` when set, else MLflow's embedded default, sqlite in the working dir.
+
+    MLflow's artifact progress bars are turned off when stderr is not a terminal (a log file would
+    collect every redraw), as robustflow's own bars are.
+    """
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
     return mlflow.get_tracking_uri()
 
 
-def start_run(experiment_name: str, run_id: str | None = None) -> mlflow.ActiveRun:
-    """Continue ``run_id`` (or the run ``mlflow run`` created, via MLFLOW_RUN_ID), else start a new one."""
+def start_run(
+    experiment_name: str, run_id: str | None = None, run_name: str | None = None
+) -> mlflow.ActiveRun:
+    """Continue ``run_id`` (or the run ``mlflow run`` created, via MLFLOW_RUN_ID), else start a new one.
+
+    System metrics (CPU, memory, disk, network; GPU where the NVIDIA library is installed) are sampled
+    for the run's lifetime when psutil is importable.
+    """
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    system = importlib.util.find_spec("psutil") is not None
     if run_id:
-        return mlflow.start_run(run_id=run_id)
+        return mlflow.start_run(run_id=run_id, log_system_metrics=system)
     if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         mlflow.set_experiment(experiment_name)
-    return mlflow.start_run()
+    return mlflow.start_run(run_name=run_name, log_system_metrics=system)
 
 
 STARTED_TAG = "robustflow.experiment"

@@ -36,10 +36,12 @@ from pipeline.config import (
     macro,
     resolve_device,
 )
+from pipeline.model_card import model_card
 from pipeline.outputs import default_output_dir, remove_logged_checkpoints
 from pipeline.plots import training_curves
-from pipeline.registry import log_model, model_card, register
+from pipeline.registry import log_model, register
 from pipeline.resume import ResumeError, check_resume, resume_command, resume_target
+from pipeline.run_page import grouped, log_operative_config, name_and_file, run_name
 from pipeline.run_status import keep_current_status, stop_with_wrapper
 from pipeline.tracking import (
     FAILURE_TAG,
@@ -216,7 +218,8 @@ def train_experiment(
 
     model_name = macro("MODEL_NAME", loaded.experiment)
     config_text = gin.config_str()
-    run_ctx = mlflow.start_run(nested=True) if nested else start_run(model_name, run_id)
+    name = run_name(gin_spec, loaded.overrides)
+    run_ctx = mlflow.start_run(nested=True) if nested else start_run(model_name, run_id, run_name=name)
     with run_ctx as run:
         run_id = run.info.run_id
         ckpt_dir = Path(output_dir) / run_id
@@ -237,9 +240,11 @@ def train_experiment(
             log_params(flat_parameters())
             log_params({f"data.{k}": v for k, v in exp.data.summary().items()})
             mlflow.log_text(config_text, "config/config.gin")
+            if not nested:  # a tune trial is named by the tuner
+                name_and_file(run_id, name, model_name)
 
         def on_epoch_end(epoch: int, metrics: dict[str, float], paths: dict[str, Path]) -> None:
-            mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            mlflow.log_metrics(grouped(metrics), step=epoch)
             log_checkpoints(paths)
             shown = " ".join(
                 f"{k}={metrics[k]:.4f}" for k in ("train/loss", "train/adv_acc", "val/clean_acc")
@@ -268,29 +273,38 @@ def train_experiment(
             mlflow.end_run(status="FAILED")
             raise
         mlflow.log_text(gin.operative_config_str(), "config/operative.gin")
+        log_operative_config(gin.operative_config_str())
         selection = exp.trainer.selection_metric
         best_score = float(result.best[selection])
         test = test_metrics(exp, result.best_checkpoint)
-        mlflow.log_metrics({**test, f"val/best_{selection.split('/', 1)[1]}": best_score})
+        best_epoch = int(test["test/best_epoch"])  # kept in the returned dict: the tuner reads it
+        mlflow.set_tag("robustflow.best_epoch", best_epoch)  # a label, not a curve
+        logged = {k: v for k, v in test.items() if k != "test/best_epoch"}
+        mlflow.log_metrics({**logged, f"val/best_{selection.split('/', 1)[1]}": best_score})
         if result.history:
-            figure = training_curves(result.history, selection)
+            figure = training_curves(result.history, selection, f"{model_name}: {name}", best_epoch)
             mlflow.log_figure(figure, "plots/training_curves.png")
             plt.close(figure)
-        print("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()), file=sys.stderr)
-        registered = None
+        print("test: " + " ".join(f"{k}={v:.4f}" for k, v in logged.items()), file=sys.stderr)
         if register_model:
             # test_metrics left the best checkpoint's weights in the target: that is what gets registered.
-            uri = log_model(exp.graph.target, exp.data.image_shape)
-            card = model_card(run_id, model_name, best_score, exp.data.summary(), config_text)
+            uri = log_model(exp.graph.target, exp.data.image_shape, name=model_name)
+            card = model_card(
+                run_id, model_name, best_score, exp.data.summary(), config_text,
+                device=exp.data.device, val_steps=exp.trainer.val_steps,
+            )  # fmt: skip
             mlflow.log_text(card, "model_card.md")
-            registered = register(run_id, model_name, uri, best_score, card)
+        print(f"robustflow: run {run_id} finished (experiment {model_name})", file=sys.stderr)
+    registered = None
+    if register_model:  # after the run ended: the registry only takes FINISHED runs
+        registered = register(run_id, model_name, uri, best_score, card)
+        if registered is not None:
             state = "now champion" if registered.champion else "champion unchanged"
             print(
                 f"robustflow: registered {model_name} version {registered.version} ({state})", file=sys.stderr
             )
-        if not nested:  # logged to the run; a FINISHED run is never resumed (a tuner's trials keep theirs)
-            remove_logged_checkpoints(run_id, ckpt_dir)
-        print(f"robustflow: run {run_id} finished (experiment {model_name})", file=sys.stderr)
+    if not nested:  # logged to the run; a FINISHED run is never resumed (a tuner's trials keep theirs)
+        remove_logged_checkpoints(run_id, ckpt_dir)
     return {"run_id": run_id, "best_score": best_score, "test": test, "registered": registered}
 
 

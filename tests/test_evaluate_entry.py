@@ -59,6 +59,23 @@ def test_evaluate_the_smoke_champion(shared_data, mlflow_store):
     bench = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/robustbench.json"))
     assert bench  # RobustBench-style model info
 
+    # On the model: metrics scoped to the registered version's logged model, headline tags on the version.
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("d2r_cag_cifar10", "champion")
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    scoped = {metric.key: metric for metric in logged.metrics}
+    for key in ("test/clean_acc", "test/pgd20_acc", "test/worst_acc", "test/pgd20_acc_eps0.031"):
+        assert scoped[key].value == m[key] and scoped[key].run_id == run.info.run_id, key
+    for key in ("clean_acc", "pgd20_acc", "cw20_acc", "worst_acc"):
+        assert version.tags[f"eval.{key}"] == f"{m[f'test/{key}']:.4f}", key
+    flags = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/flags.txt").strip()
+    assert version.tags["eval.flags"] == ("none" if flags == "no flags" else "; ".join(flags.splitlines()))
+    assert version.tags["eval.eps"] == "8/255,0.031" and version.tags["eval.run_id"] == run.info.run_id
+    # Accuracy against eps as a curve the UI draws: step = eps x 255 (2/255 ... 16/255, and 8/255 itself).
+    curve = client.get_metric_history(run.info.run_id, "curve/pgd20_acc")
+    assert [point.step for point in curve] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert next(p.value for p in curve if p.step == 8) == m["test/pgd20_acc"]
+
 
 def test_evaluate_rejects_bad_input_before_work(mlflow_store, capsys):
     assert evaluate(["--model-uri", "models:/nothing@champion"]) == EXIT_USAGE

@@ -29,9 +29,9 @@ EPOCH_METRICS = {
     "train/adv_acc",
     "val/clean_acc",
     "val/pgd20_acc",
-    "lr",
-    "epoch_time_s",
-    "train/images_per_s",
+    "perf/lr",
+    "perf/epoch_time_s",
+    "perf/images_per_s",
 }
 
 
@@ -53,7 +53,8 @@ def test_train_d2r_cag_smoke_end_to_end(shared_data, mlflow_store):
         assert 0.0 <= run.data.metrics[key] <= 1.0
     assert run.data.metrics["test/pgd20_acc"] <= run.data.metrics["test/clean_acc"]
     # lr of the papers' schedule on 2 epochs: warm-up epoch at 0.02, then x0.1 twice (76% and 91% of 2 epochs)
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "lr")] == pytest.approx([0.02, 0.001])
+    lr = [m.value for m in client.get_metric_history(run.info.run_id, "perf/lr")]
+    assert lr == pytest.approx([0.02, 0.001])
     assert run.data.params["ALPHA"] == "30.0" and run.data.params["data.dataset"] == "cifar10"
     assert run.data.tags["robustflow.gin"] == "d2r_cag_cifar10,smoke"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
@@ -61,6 +62,7 @@ def test_train_d2r_cag_smoke_end_to_end(shared_data, mlflow_store):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {
         "config/config.gin",
         "config/operative.gin",
+        "config/operative_config.txt",
     }
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/training_curves.png"}
     operative = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config/operative.gin")
