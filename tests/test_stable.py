@@ -1,0 +1,115 @@
+"""The `stable` profile departs from the papers by exactly its stated switches, and only when appended.
+
+The faithful configs must compute what they computed before the stabilizers existed: the stabilizers are
+off by default, and with them off the trainer's step is the plain zero_grad / backward / SGD step.
+"""
+
+import copy
+
+import gin
+import pytest
+import torch
+from support import conv_bn_net
+
+from components.experiment import experiment
+from components.losses import CrossEntropy, WeightedLoss
+from components.schedules import PaperStepSchedule, make_lr_scheduler
+from components.training import Trainer
+from pipeline.config import GIN_DIR, available_configs, flat_parameters, is_experiment, load_config
+
+EXPERIMENTS = [name for name in available_configs() if is_experiment(GIN_DIR / f"{name}.gin")]
+# What stable.gin binds, and nothing else.
+STABLE = {
+    "Trainer.grad_clip_norm": "2.0",
+    "Trainer.lr_ramp_epochs": "5.0",
+    "PaperStepSchedule.warmup_epochs": "0",
+}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_stable_composes_with_every_experiment_and_changes_only_its_switches(name):
+    load_config(name)
+    faithful = flat_parameters()
+    load_config(f"{name},stable")
+    stable = flat_parameters()
+    changed = {k: v for k, v in stable.items() if faithful.get(k) != v}
+    # The schedule line is unchanged where the config already had no warm-up epoch (TRADES).
+    assert changed.items() <= STABLE.items() and {"Trainer.grad_clip_norm", "Trainer.lr_ramp_epochs"} <= set(
+        changed
+    )
+    with gin.unlock_config():
+        exp = experiment()
+    assert exp.trainer.grad_clip_norm == 2.0 and exp.trainer.lr_ramp_epochs == 5.0
+    load_config(f"{name},smoke,stable")  # after smoke too (profiles go last, in any order)
+    with gin.unlock_config():
+        assert experiment().trainer.grad_clip_norm == 2.0
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_faithful_configs_have_no_stabilizer_on(name):
+    load_config(name)
+    with gin.unlock_config():
+        trainer = experiment().trainer
+    assert trainer.grad_clip_norm is None and trainer.lr_ramp_epochs == 0.0 and trainer.max_loss is None
+    assert not any(k.startswith(("Trainer.grad_clip", "Trainer.lr_ramp")) for k in flat_parameters())
+
+
+def _graph():
+    from components.attacks import PGDGenerator
+    from components.attacks.objectives import CEObjective
+    from components.graph import TrainingGraph
+
+    ce = CrossEntropy(view="target(x_adv)")
+    gen = PGDGenerator(objective=CEObjective(), eps=8 / 255, step_size=2 / 255, steps=2)
+    return TrainingGraph(
+        models={"target": conv_bn_net()}, generator=gen, loss=WeightedLoss({"ce": (1.0, ce)})
+    )
+
+
+def test_with_stabilizers_off_train_step_is_the_plain_sgd_step():
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    graph = _graph()
+    plain = copy.deepcopy(graph)
+    opt_a = torch.optim.SGD(graph.models.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+    opt_b = torch.optim.SGD(plain.models.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+    trainer = Trainer(epochs=1)
+    for _ in range(3):
+        torch.manual_seed(1)
+        out = trainer.train_step(graph, opt_a, x, y, torch.device("cpu"))
+        torch.manual_seed(1)
+        ref = plain.step(x, y)
+        opt_b.zero_grad(set_to_none=True)
+        ref["loss"].backward()
+        opt_b.step()
+        assert "grad_norm" not in out
+        assert torch.equal(out["loss"], ref["loss"])
+    for a, b in zip(graph.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_gradient_clipping_bounds_the_global_norm_and_reports_the_pre_clip_norm():
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    graph = _graph()
+    opt = torch.optim.SGD(graph.models.parameters(), lr=0.0)  # lr 0: the gradients stay to be read
+    out = Trainer(epochs=1, grad_clip_norm=1e-3).train_step(graph, opt, x, y, torch.device("cpu"))
+    after = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in graph.parameters() if p.grad is not None])
+    )
+    assert float(out["grad_norm"]) > 1e-3  # the pre-clip norm
+    assert float(after) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_the_lr_ramp_is_linear_and_multiplies_the_schedule():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # 10 steps per epoch, 20 epochs, ramp over 2 epochs; no constant warm-up epoch (as in stable.gin).
+    sched = make_lr_scheduler(opt, PaperStepSchedule(warmup_epochs=0), 10, 20, ramp_epochs=2)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:20] == pytest.approx([0.1 * (i + 1) / 20 for i in range(20)])
+    assert lrs[20:] == pytest.approx([0.1] * 20)
