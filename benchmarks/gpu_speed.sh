@@ -2,7 +2,8 @@
 # The GPU measurements of the "Speed on the GPU" issue, as one prepared script (docs/benchmarks.md).
 # Run from the project root on a CUDA machine, after ../shared/gpu/pack.sh has packed .gpu/ here:
 #
-#   benchmarks/gpu_speed.sh [STAGE ...]     # stages: before switches stable prn18 learn (default: before switches)
+#   benchmarks/gpu_speed.sh [STAGE ...]     # stages: before switches stable prn18 learn stability
+#                                           # (default: before switches; issue 8's GPU checks: stability learn)
 #
 # Each stage writes its bench.md/bench.json (or learn.md/json/png) under $OUT (default gpu_out/). Nothing
 # here needs MLflow or Optuna. Every switch is off by default in the code; the stages turn them on one at a
@@ -44,6 +45,14 @@ stage_prn18() {
   python -m pipeline.bench "${PRN[@]}" --out "$OUT/prn18_before"
   python -m pipeline.bench "${PRN[@]}" --cudnn-benchmark --compile --warmup 15 --out "$OUT/prn18_compile"
 }
+stage_stability() {  # issue 8 (a): the authors' D2R-CAG (WRN-34-10 + LBGAT guide, batch 128): 1 epoch at 0.02,
+  # then 300 steps at 0.1, robustflow's step (bf16) beside the authors' loop (fp32), same weights and batches
+  python -m benchmarks.stability --methods d2r_cag_cifar10 --targets wrn34_10 --guide resnet18_lbgat \
+    --batch-size 128 --phases 0.02:391,0.1:300 --device cuda --out "$OUT/stability_wrn" || true
+  python -m benchmarks.stability --methods d2r_cag_cifar10,lbgat_cifar10,trades_cifar10 --targets wrn34_10 \
+    --batch-size 128 --phases 0.1:300 --profile stable --no-reference --device cuda --out "$OUT/stability_wrn_stable" || true
+}
+
 stage_learn() {  # issue 8's learning check: every method, PreActResNet-18, 5 epochs of 19,000 images
   python -m pipeline.learn --target preact_resnet18 --guide resnet18_lbgat --epochs 5 --train-size 19000 \
     --val-size 1000 --batch-size 128 --attack-steps config --out "$OUT/learn_prn18" || true

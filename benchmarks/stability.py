@@ -2,16 +2,17 @@
 
     python -m benchmarks.stability                                   # CPU table (docs/stability.md)
     python -m benchmarks.stability --profile stable                  # the same with gin/stable.gin appended
-    python -m benchmarks.stability --target wrn34_10 --batch-size 128 --steps 300 --lrs 0.1 \\
-        --methods d2r_cag_cifar10 --device cuda                      # the authors' exact D2R-CAG, on a GPU
+    python -m benchmarks.stability --targets wrn34_10 --batch-size 128 --phases 0.02:391,0.1:300 \\
+        --methods d2r_cag_cifar10 --device cuda    # the authors' D2R-CAG: 1 epoch at 0.02, 300 steps at 0.1
 
 For each method x target x lr it builds the experiment from the method's own gin config (backbones, batch
 size and attack steps overridden; ``--profile`` files appended after it, as ``-P gin=method,stable`` does),
 sets every parameter group to a fixed lr (the schedule is off: 0.02 is the LBGAT/D2R warm-up epoch's lr, 0.1
 their main phase's and TRADES' lr from the first step) and runs ``Trainer.train_step``, the step training
 runs (clipping included when the profile turns it on), on the same real CIFAR-10 batches from the same
-initial weights. A run *diverges* at the first step whose loss exceeds ``--factor`` (10) times the first
-step's loss or is non-finite. For D2R-CAG, ``--reference`` also runs the authors' loop
+initial weights (``--phases lr:steps,...`` instead runs the phases one after another on the same models,
+as one trajectory per method). A run *diverges* at the first step whose loss exceeds ``--factor`` (10)
+times the first step's loss or is non-finite. For D2R-CAG, ``--reference`` also runs the authors' loop
 (``benchmarks/reference_d2r.py``) from the same weights on the same batches.
 
 Runs without MLflow or Optuna (gin, torch, numpy). Writes ``stability.md`` and ``stability.json`` to
@@ -24,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -47,7 +49,7 @@ DEFAULT_METHODS = (
     "regmix_cifar10",
     "pgd2_mse_cifar10",
 )
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("ROBUSTFLOW_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @dataclass
@@ -89,18 +91,26 @@ class Trajectory:
 
 
 def load_batches(data_dir: Path, batch_size: int, steps: int, device: torch.device) -> list[tuple]:
-    """``steps`` real CIFAR-10 training batches (the first images of shard 1, as [0, 1] NCHW floats)."""
-    shard = data_dir / "cifar10" / "train-1.npz"
-    if not shard.is_file():
-        raise SystemExit(f"stability: CIFAR-10 shard not found: {shard} (pass --data)")
-    with np.load(shard) as archive:
-        n = batch_size * steps
-        x = torch.from_numpy(archive["x"][:n]).permute(0, 3, 1, 2).float().div(255)
-        y = torch.from_numpy(archive["y"][:n].astype(np.int64))
-    if len(y) < n:
-        raise SystemExit(f"stability: {shard} has {len(y)} images, {n} needed")
+    """``steps`` real CIFAR-10 training batches, in shard order (train-1.npz, train-2.npz, ... as far as
+    needed, starting over when the shards run out), as [0, 1] NCHW floats on ``device``."""
+    shards = sorted((data_dir / "cifar10").glob("train-*.npz"))
+    if not shards:
+        raise SystemExit(
+            f"stability: no CIFAR-10 shards (train-*.npz) under {data_dir / 'cifar10'} (pass --data)"
+        )
+    n, xs, ys = batch_size * steps, [], []
+    for shard in shards:
+        with np.load(shard) as archive:
+            xs.append(archive["x"][:n])
+            ys.append(archive["y"][:n].astype(np.int64))
+        if sum(len(y) for y in ys) >= n:
+            break
+    x = torch.from_numpy(np.concatenate(xs)).permute(0, 3, 1, 2).float().div(255).to(device)
+    y = torch.from_numpy(np.concatenate(ys)).to(device)
+    full = len(y) // batch_size
     return [
-        (x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in range(0, n, batch_size)
+        (x[j * batch_size : (j + 1) * batch_size], y[j * batch_size : (j + 1) * batch_size])
+        for j in (i % full for i in range(steps))
     ]
 
 
@@ -116,42 +126,45 @@ def build(method: str, profile: list[str], overrides: list[str]):  # noqa: ANN20
         return experiment()
 
 
-def run_robustflow(exp, batches: list[tuple], lr: float, device: torch.device) -> Trajectory:  # noqa: ANN001
+def run_robustflow(exp, batches: list[tuple], lrs: list[float], device: torch.device) -> Trajectory:  # noqa: ANN001
+    """Robustflow's training step (``Trainer.train_step``, fast path included) at the lr given per step."""
     graph, trainer = exp.graph, exp.trainer
-    graph.to(device)
+    trainer.prepare(graph, device)
     optimizer = trainer.optimizer_fn(graph.models)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     graph.train()
-    traj = Trajectory("", "", lr, "", "robustflow")
+    traj = Trajectory("", "", lrs[-1], "", "robustflow")
     names = list(graph.loss.terms)
     traj.terms = {n: [] for n in names}
     t0 = time.perf_counter()
-    for x, y in batches:
+    for (x, y), lr in zip(batches, lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         out = trainer.train_step(graph, optimizer, x, y, device)
-        traj.losses.append(float(out["loss"]))
+        traj.losses.append(out["loss"].detach().item())
         for n in names:
-            traj.terms[n].append(float(out["parts"][n]))
+            traj.terms[n].append(out["parts"][n].detach().item())
         if not math.isfinite(traj.losses[-1]):
             break  # everything after a NaN is NaN
     traj.seconds = time.perf_counter() - t0
     return traj
 
 
-def run_authors(models: dict, batches: list[tuple], lr: float, attack_steps: int) -> Trajectory:
-    """The authors' D2R-CAG loop (one SGD over both models, momentum 0.9, wd 2e-4) at a fixed lr."""
+def run_authors(models: dict, batches: list[tuple], lrs: list[float], attack_steps: int) -> Trajectory:
+    """The authors' D2R-CAG loop: one SGD over both models (momentum 0.9, wd 2e-4), fp32, lr per step."""
     target, guide = models["target"], models["guide"]
     params = [*target.parameters(), *guide.parameters()]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=2e-4)
-    traj = Trajectory("", "", lr, "", "authors")
+    optimizer = torch.optim.SGD(params, lr=lrs[0], momentum=0.9, weight_decay=2e-4)
+    traj = Trajectory("", "", lrs[-1], "", "authors")
     names = ("ce_guide", "mse", "kl_gap", "kl_adv")
     traj.terms = {n: [] for n in names}
     t0 = time.perf_counter()
-    for x, y in batches:
+    for (x, y), lr in zip(batches, lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         out = d2r_step(target, guide, optimizer, x, y, perturb_steps=attack_steps)
-        traj.losses.append(float(out["loss"]))
+        traj.losses.append(out["loss"].detach().item())
         for n in names:
-            traj.terms[n].append(float(out[n]))
+            traj.terms[n].append(out[n].detach().item())
         if not math.isfinite(traj.losses[-1]):
             break
     traj.seconds = time.perf_counter() - t0
@@ -191,6 +204,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guide", default="resnet18_lbgat")
     parser.add_argument("--lrs", default="0.02,0.1")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument(
+        "--phases",
+        default="",
+        help="'lr:steps,...' run in sequence on the same models (replaces --lrs/--steps)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
         "--attack-steps", type=int, default=None, help="override ATTACK_STEPS (default: config's)"
@@ -218,9 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
     profile = [p.strip() for p in args.profile.split(",") if p.strip()]
-    batches = load_batches(Path(args.data), args.batch_size, args.steps, device)
+    if args.phases:  # one trajectory per method through every phase
+        per_step = [
+            float(lr) for part in args.phases.split(",") for lr, k in [part.split(":")] for _ in range(int(k))
+        ]
+        plans = [per_step]
+    else:
+        plans = [[float(v)] * args.steps for v in args.lrs.split(",") if v.strip()]
+    lrs = sorted({lr for plan in plans for lr in plan})
+    batches = load_batches(Path(args.data), args.batch_size, max(len(p) for p in plans), device)
     results: list[Trajectory] = []
     for method in methods:
         for target in targets:
@@ -232,25 +257,26 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if args.attack_steps is not None:
                 overrides.append(f"ATTACK_STEPS = {args.attack_steps}")
-            for lr in lrs:
+            for plan in plans:
                 exp = build(method, profile, overrides)
                 initial = {n: copy.deepcopy(m) for n, m in exp.graph.models.items()}
                 steps = exp.graph.generator.steps
                 torch.manual_seed(args.seed)
-                runs = [run_robustflow(exp, batches, lr, device)]
+                runs = [run_robustflow(exp, batches, plan, device)]
                 if args.reference and method == "d2r_cag_cifar10":
                     torch.manual_seed(args.seed)
                     runs.append(
-                        run_authors({n: m.to(device) for n, m in initial.items()}, batches, lr, steps)
+                        run_authors({n: m.to(device) for n, m in initial.items()}, batches, plan, steps)
                     )
                 for traj in runs:
                     traj.method, traj.target, traj.profile = method, target, "+".join(profile) or "faithful"
                     results.append(traj)
                     at = traj.diverged_at(args.factor)
                     print(
-                        f"{method:18s} {target:16s} lr={lr:<5g} {traj.loop:10s} "
+                        f"{method:18s} {target:16s} lr={traj.lr:<5g} {traj.loop:10s} "
                         f"{'DIVERGED at step ' + str(at) if at else 'holds':22s} "
-                        f"losses {' '.join(f'{v:.4g}' for v in traj.losses)}  [{traj.seconds:.0f}s]",
+                        f"losses {' '.join(f'{v:.4g}' for v in traj.losses[:12])}"
+                        f"{' ...' if len(traj.losses) > 12 else ''}  [{traj.seconds:.0f}s]",
                         flush=True,
                     )
                 del exp, initial
@@ -271,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 def table(results: list[Trajectory], args: argparse.Namespace) -> str:
     """The markdown table of the study, with the command's settings and the machine."""
     lines = [
-        f"Settings: batch {args.batch_size}, {args.steps} steps, attack steps "
+        f"Settings: batch {args.batch_size}, {args.phases or str(args.steps) + ' steps'}, attack steps "
         f"{args.attack_steps or 'as configured'}, guide {args.guide}, profile '{args.profile or 'none'}', "
         f"device {args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads. Diverged = loss > {args.factor:g}x step 1 or non-finite.",
