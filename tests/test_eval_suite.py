@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -296,7 +297,10 @@ def test_fp32_even_under_an_outer_autocast_and_reproducible(mlp):
     assert other_seed["test/clean_acc"] == plain["test/clean_acc"]
 
 
-def test_progress_bar_goes_to_stderr(mlp, capsys):
+def test_progress_bar_goes_to_stderr_only_on_a_terminal(mlp, capsys, monkeypatch):
+    evaluate_robustness(mlp, loader(n=16), {"pgd10": PGD(EPS_8_255, steps=10)}, progress=True)
+    assert capsys.readouterr() == ("", "")  # stderr is not a terminal here: the bar turns itself off
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     evaluate_robustness(mlp, loader(n=16), {"pgd10": PGD(EPS_8_255, steps=10)}, progress=True)
     out, err = capsys.readouterr()
     assert out == "" and "16/16" in err

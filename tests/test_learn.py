@@ -78,9 +78,15 @@ def test_a_diverged_or_failing_method_is_recorded_and_the_next_one_runs(
     assert learn._failure(ValueError("bad size")) == ("FAILED (ValueError)", "bad size")
 
 
-def test_a_failure_inside_fit_is_failed_not_a_crash(shared_data, tmp_path):
-    # 100,000 training images pass the build and the data check, then fail in fit's data setup.
-    argv = [*TINY, "--methods", "pgd_at_cifar10", "--train-size", "100000", "--out", str(tmp_path)]
+def test_a_failure_inside_fit_is_failed_not_a_crash(shared_data, tmp_path, monkeypatch):
+    # The build and the data pre-flight pass; the failure comes inside fit, when it asks for the loader.
+    from components.data.datamodule import DataModule
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("loader exceeds what the disk holds")
+
+    monkeypatch.setattr(DataModule, "train_loader", broken)
+    argv = [*TINY, "--methods", "pgd_at_cifar10", "--out", str(tmp_path)]
     assert learn.main(argv) == 1
     (summary,) = json.loads((tmp_path / "learn.json").read_text())["summary"]
     assert summary["status"] == "FAILED (ValueError)" and "exceeds" in summary["message"]

@@ -48,6 +48,7 @@ def test_stop_under_mlflow_run_ends_killed_with_no_orphan(how, shared_data, tmp_
     env.pop("MLFLOW_RUN_ID", None)
     env.pop("MLFLOW_EXPERIMENT_ID", None)
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
+           "--experiment-name", "d2r_cag_cifar10",
            "-P", "gin=d2r_cag_cifar10,smoke", "-P", f"overrides={TINY}", "-P", "device=cpu"]  # fmt: skip
     # Its own session: the signals below reach this command's processes only, as a terminal's would.
     wrapper = subprocess.Popen(
@@ -72,7 +73,7 @@ def test_stop_under_mlflow_run_ends_killed_with_no_orphan(how, shared_data, tmp_
     while _alive(training) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(training), "training went on without its wrapper:\n" + out[-3000:]
-    assert "epoch 3/3" not in out and "registered" not in out, out[-3000:]
+    assert "epoch 3/3" not in out and "robustflow: registered" not in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     assert "to resume: mlflow run" in out and "--run-id" in out, out[-3000:]
 
