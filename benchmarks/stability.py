@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.reference_d2r import d2r_step
+from benchmarks.reference_d2r import D2R_WEIGHTS, d2r_step
 from pipeline.config import defined_macros, load_config
 
 DEFAULT_METHODS = (
@@ -63,6 +63,7 @@ class Trajectory:
     loop: str  # 'robustflow' or 'authors'
     losses: list[float] = field(default_factory=list)
     terms: dict[str, list[float]] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     def diverged_at(self, factor: float) -> int | None:
@@ -74,20 +75,20 @@ class Trajectory:
         return None
 
     def worst_term(self) -> str:
-        """The term that grew most (last finite over first), which is usually what blew up."""
-
-        def growth(values: list[float]) -> float:
-            finite = [v for v in values if math.isfinite(v)]
-            if not finite:
-                return math.inf
-            if not all(math.isfinite(v) for v in values):
-                return math.inf
-            return max(abs(v) for v in finite) / max(abs(finite[0]), 1e-8)
-
+        """The term with the largest weighted share of the loss where it peaked (or first went non-finite)."""
         if not self.terms:
             return ""
-        name = max(self.terms, key=lambda n: growth(self.terms[n]))
-        return f"{name} (x{growth(self.terms[name]):.3g})"
+        bad = [i for i, v in enumerate(self.losses) if not math.isfinite(v)]
+        finite = [v if math.isfinite(v) else -math.inf for v in self.losses]
+        step = bad[0] if bad else max(range(len(finite)), key=finite.__getitem__)
+
+        def share(name: str) -> float:
+            value = self.terms[name][step] if step < len(self.terms[name]) else math.nan
+            return math.inf if not math.isfinite(value) else self.weights.get(name, 1.0) * value
+
+        name = max(self.terms, key=share)
+        value = share(name)
+        return f"{name} ({value:.3g} of {self.losses[step]:.3g} at step {step + 1})"
 
 
 def load_batches(data_dir: Path, batch_size: int, steps: int, device: torch.device) -> list[tuple]:
@@ -135,6 +136,7 @@ def run_robustflow(exp, batches: list[tuple], lrs: list[float], device: torch.de
     traj = Trajectory("", "", lrs[-1], "", "robustflow")
     names = list(graph.loss.terms)
     traj.terms = {n: [] for n in names}
+    traj.weights = {n: w for n, (w, _) in graph.loss.terms.items()}
     t0 = time.perf_counter()
     for (x, y), lr in zip(batches, lrs):
         for group in optimizer.param_groups:
@@ -157,6 +159,7 @@ def run_authors(models: dict, batches: list[tuple], lrs: list[float], attack_ste
     traj = Trajectory("", "", lrs[-1], "", "authors")
     names = ("ce_guide", "mse", "kl_gap", "kl_adv")
     traj.terms = {n: [] for n in names}
+    traj.weights = dict(D2R_WEIGHTS)
     t0 = time.perf_counter()
     for (x, y), lr in zip(batches, lrs):
         for group in optimizer.param_groups:
@@ -226,11 +229,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=str(DATA), help="folder holding cifar10/train-1.npz")
     parser.add_argument("--out", default="stability_out")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--render", default="", help="re-render stability.md from a stability.json, run nothing"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(Path(args.render), Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -294,6 +302,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def render(path: Path, out: Path) -> int:
+    """Write stability.md again from a stability.json (e.g. after the table's columns changed)."""
+    saved = json.loads(path.read_text())
+    runs = [Trajectory(**r) for r in saved["runs"]]
+    for run in runs:
+        if not run.weights:  # older files: the weights are the configs' own
+            run.weights = dict(D2R_WEIGHTS) if run.loop == "authors" else _weights(run.method)
+    args = argparse.Namespace(**{"phases": "", **saved["args"]})
+    lrs = sorted({r.lr for r in runs})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stability.md").write_text(table(runs, args) + "\n" + norm_table(saved["feature_norms"], lrs))
+    return 0
+
+
+def _weights(method: str) -> dict[str, float]:
+    from components.experiment import experiment
+
+    load_config(f"{method},smoke")
+    with gin.unlock_config():
+        return {n: w for n, (w, _) in experiment().graph.loss.terms.items()}
+
+
 def table(results: list[Trajectory], args: argparse.Namespace) -> str:
     """The markdown table of the study, with the command's settings and the machine."""
     lines = [
@@ -302,7 +332,8 @@ def table(results: list[Trajectory], args: argparse.Namespace) -> str:
         f"device {args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads. Diverged = loss > {args.factor:g}x step 1 or non-finite.",
         "",
-        "| method | target | lr | loop | step 1 loss | max loss | last loss | diverged at | grew most |",
+        "| method | target | lr | loop | step 1 loss | max loss | last loss | diverged at "
+        "| largest weighted term |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
