@@ -4,6 +4,7 @@ A loss term rigged to go NaN at a chosen step (``NaNFromStep``, registered with 
 real divergence, so the step, the epoch and the term named in the error are known exactly.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -218,3 +219,40 @@ def test_a_diverged_optuna_trial_fails_and_the_study_goes_on(shared_data, mlflow
     ]
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
     assert "diverged" in failed[0].data.tags["robustflow.failure"]
+
+
+# -- every CIFAR-10 method trains under smoke on real data -------------------------------------------------
+
+CIFAR10_METHODS = [
+    "d2r_cag_cifar10",
+    "d2r_cifar10",
+    "lbgat_cifar10",
+    "trades_cifar10",
+    "pgd_at_cifar10",
+    "regmix_cifar10",
+    "pgd2_mse_cifar10",
+]
+
+
+@pytest.mark.slow
+def test_every_cifar10_method_under_smoke_ends_finite_and_above_chance(shared_data, tmp_path):
+    """The smoke profile's sizes (2,048 images, 4 epochs, 256 validation images) on the real shards, through
+    Trainer.fit with the guard on. CIFAR-100 and Tiny ImageNet have no offline copy here."""
+    from pipeline import learn
+
+    argv = [
+        "--methods", ",".join(CIFAR10_METHODS), "--profile", "smoke", "--target", "small_cnn",
+        "--guide", "small_cnn", "--epochs", "4", "--train-size", "2048", "--val-size", "256",
+        "--batch-size", "128", "--attack-steps", "3", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert learn.main(argv) == 0
+    report = json.loads((tmp_path / "learn.json").read_text())
+    for summary, method in zip(report["summary"], report["methods"]):
+        name = summary["method"]
+        assert summary["status"] == "ok" and summary["epochs_run"] == 4, (name, summary["message"])
+        for epoch in method["epochs"]:
+            losses = [v for k, v in epoch.items() if k.startswith("train/loss")]
+            assert all(math.isfinite(v) for v in losses), (name, epoch)
+        # Chance is 0.10; the clean bar is chance + 2 standard errors on 256 images.
+        assert summary["clean_above_chance"], (name, summary["last_val_clean"])
+        assert summary["best_val_pgd"] > 0.10, (name, summary["best_val_pgd"])
