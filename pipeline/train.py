@@ -35,6 +35,7 @@ from pipeline.config import (
     load_config,
     macro,
     resolve_device,
+    without_flag,
 )
 from pipeline.model_card import model_card
 from pipeline.outputs import default_output_dir, remove_logged_checkpoints
@@ -164,14 +165,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
     import subprocess
 
     # Drop --nproc: the workers run as ranks of one job, and torchrun would take it for its own flag.
-    rest, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            rest.append(arg)
+    rest = without_flag(argv, "--nproc")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.call([*cmd, "-m", "pipeline.train", *rest])
 

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.config import without_flag
+
 T = TypeVar("T")
 
 # Errors of a store that another process is creating at this moment; anything else is a real problem.
@@ -85,15 +87,7 @@ def prepare_stores(storage_uri: str | None, storage_opener: Callable[[], Any]) -
 
 def without_workers_flag(argv: Sequence[str]) -> list[str]:
     """``argv`` less ``--workers N`` / ``--workers=N``: what each worker process runs."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--workers":
-            skip = True
-        elif not arg.startswith("--workers="):
-            out.append(arg)
-    return out
+    return without_flag(argv, "--workers")
 
 
 def run_workers(n: int, argv: Sequence[str]) -> int:

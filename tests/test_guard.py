@@ -15,6 +15,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from benchmarks.stability import DEFAULT_METHODS
 from components.checkpoint import load_checkpoint
 from components.guard import DivergenceGuard, TrainingDivergedError
 from components.losses import Term
@@ -223,15 +224,7 @@ def test_a_diverged_optuna_trial_fails_and_the_study_goes_on(shared_data, mlflow
 
 # -- every CIFAR-10 method trains under smoke on real data -------------------------------------------------
 
-CIFAR10_METHODS = [
-    "d2r_cag_cifar10",
-    "d2r_cifar10",
-    "lbgat_cifar10",
-    "trades_cifar10",
-    "pgd_at_cifar10",
-    "regmix_cifar10",
-    "pgd2_mse_cifar10",
-]
+CIFAR10_METHODS = DEFAULT_METHODS  # the stability study's: every CIFAR-10 experiment
 
 
 @pytest.mark.slow
