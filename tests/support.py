@@ -68,3 +68,16 @@ def run_python_without(code: str, blocked: tuple[str, ...] = ("mlflow", "optuna"
         text=True,
         timeout=timeout,
     )
+
+
+def bench_without_mlflow(argv: list[str]):
+    """``pipeline.bench.main(argv)`` where MLflow and Optuna cannot be imported; asserts it never loaded
+    them. Returns the CompletedProcess."""
+    code = (
+        "from pipeline.bench import main\n"
+        f"rc = main({argv!r})\n"
+        "loaded = [m for m in ('mlflow', 'optuna') if sys.modules.get(m) is not None]\n"
+        "assert not loaded, loaded\n"
+        "sys.exit(rc)\n"
+    )
+    return run_python_without(code)

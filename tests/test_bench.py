@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from support import run_python_without
+from support import bench_without_mlflow, run_python_without
 
 from benchmarks.reference_d2r import (
     cag_attack,
@@ -255,14 +255,7 @@ def test_bench_runs_where_mlflow_and_optuna_cannot_be_imported(tmp_path):
     # The GPU machines have torch but neither MLflow nor Optuna: the bench must not need them.
     argv = [*TINY_ARGS, "--methods", "pgd_at_cifar10", "--steps", "1", "--warmup", "0", "--no-reference"]
     argv += ["--overrides", "ATTACK_STEPS = 2", "--out", str(tmp_path)]
-    code = (
-        "from pipeline.bench import main\n"
-        f"rc = main({argv!r})\n"
-        "loaded = [m for m in ('mlflow', 'optuna') if sys.modules.get(m) is not None]\n"
-        "assert not loaded, loaded\n"
-        "sys.exit(rc)\n"
-    )
-    proc = run_python_without(code)
+    proc = bench_without_mlflow(argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "bench.json").read_text())["methods"][0]["method"] == "pgd_at_cifar10"
     # Asking for MLflow where it is missing is a usage error before any work, not a traceback at the end.

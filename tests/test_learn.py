@@ -5,7 +5,7 @@ fails or diverges, rejects bad input before training, and needs neither MLflow n
 import json
 
 import pytest
-from support import run_python_without
+from support import bench_without_mlflow
 
 from components.training import Trainer
 from pipeline import learn
@@ -110,14 +110,7 @@ def test_bad_input_exits_2_before_training(argv, message, shared_data, tmp_path,
 
 def test_learn_runs_through_the_bench_flag_without_mlflow_or_optuna(shared_data, tmp_path):
     argv = ["--learn", *TINY, "--epochs", "1", "--methods", "regmix_cifar10", "--out", str(tmp_path)]
-    code = (
-        "from pipeline.bench import main\n"
-        f"rc = main({argv!r})\n"
-        "loaded = [m for m in ('mlflow', 'optuna') if sys.modules.get(m) is not None]\n"
-        "assert not loaded, loaded\n"
-        "sys.exit(rc)\n"
-    )
-    proc = run_python_without(code)
+    proc = bench_without_mlflow(argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "regmix_cifar10 epoch 1/1" in proc.stdout
     assert json.loads((tmp_path / "learn.json").read_text())["summary"][0]["status"] == "ok"
