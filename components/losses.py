@@ -175,6 +175,48 @@ class KLGap(Term):
 
 
 @gin.configurable
+class BoostedCE(Term):
+    """MART's boosted cross-entropy (Wang et al. 2020): ``CE(z, y) - mean log(1.0001 - p_k' + 1e-12)``.
+
+    ``k'`` is the most probable wrong class, picked as the authors' code picks it (the top two of an
+    ``argsort`` of the probabilities, the first of them that is not ``y``), so ties break identically.
+    The constants 1.0001 and 1e-12 are the code's.
+    """
+
+    def __init__(self, view: str = gin.REQUIRED) -> None:
+        (self.view,) = self._register(view)
+
+    def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
+        logits = _full(views[self.view])
+        probs = F.softmax(logits, dim=1)
+        top2 = torch.argsort(probs, dim=1)[:, -2:]
+        wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+        return F.cross_entropy(logits, y) + F.nll_loss(torch.log(1.0001 - probs + 1e-12), wrong)
+
+
+@gin.configurable
+class MisclassificationAwareKL(Term):
+    """MART's KL: ``(1/B) sum_i KLdiv(input_i || target_i) * (1.0000001 - p_y(target_i))``.
+
+    The per-example KL (summed over classes, ``nn.KLDivLoss`` on ``log(p_input + 1e-12)``) is weighted by
+    how badly the clean input is classified, so misclassified examples pull harder. As in the code,
+    gradients reach both views, including through the weight. The views are registered target first:
+    the clean forward comes before the adversarial one, as in the code, so BatchNorm statistics see the
+    same order of batches.
+    """
+
+    def __init__(self, input: str = gin.REQUIRED, target: str = gin.REQUIRED) -> None:
+        self.target, self.input = self._register(target, input)
+
+    def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
+        p_input = F.softmax(_full(views[self.input]), dim=1)
+        p_target = F.softmax(_full(views[self.target]), dim=1)
+        per_example = F.kl_div(torch.log(p_input + 1e-12), p_target, reduction="none").sum(dim=1)
+        p_true = p_target.gather(1, y[:, None]).squeeze(1)
+        return (1.0 / y.shape[0]) * torch.sum(per_example * (1.0000001 - p_true))
+
+
+@gin.configurable
 class WeightedLoss:
     """The training objective: ``sum_i w_i * term_i`` over named, weighted terms.
 
