@@ -8,8 +8,6 @@ and one checkpointable state.
 
 from __future__ import annotations
 
-import math
-
 import gin
 import torch
 
@@ -96,37 +94,6 @@ class MultiStepSchedule(Schedule):
     def factor(self, step: int) -> float:
         drops = sum(step >= int(m * self.total_steps) for m in self.milestones)
         return self.gamma**drops
-
-
-@gin.configurable
-class CosineSchedule(Schedule):
-    """Cosine decay to ``final_factor`` over all iterations after ``warmup_epochs`` of linear warm-up."""
-
-    def __init__(self, warmup_epochs: float = 0.0, final_factor: float = 0.0) -> None:
-        self.warmup_epochs, self.final_factor = warmup_epochs, final_factor
-
-    def factor(self, step: int) -> float:
-        warm = int(self.warmup_epochs * self.steps_per_epoch)
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, self.total_steps - warm)
-        return self.final_factor + (1 - self.final_factor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-@gin.configurable
-class OneCycleSchedule(Schedule):
-    """Fast-AT's triangle: linear from ``start_factor`` up to 1 at ``peak`` of the run, then down to 0."""
-
-    def __init__(self, peak: float = 0.4, start_factor: float = 0.0) -> None:
-        if not 0.0 < peak < 1.0:
-            raise ValueError(f"OneCycleSchedule.peak must be in (0, 1), got {peak}")
-        self.peak, self.start_factor = peak, start_factor
-
-    def factor(self, step: int) -> float:
-        t = step / self.total_steps
-        if t <= self.peak:
-            return self.start_factor + (1 - self.start_factor) * t / self.peak
-        return max(0.0, (1 - t) / (1 - self.peak))
 
 
 def make_lr_scheduler(

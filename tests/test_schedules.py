@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from components.schedules import (
-    CosineSchedule,
     MultiStepSchedule,
-    OneCycleSchedule,
     PaperStepSchedule,
     Schedule,
     make_lr_scheduler,
@@ -117,51 +115,7 @@ def test_multistep_schedule_drops_mid_epoch_when_the_fraction_says_so():
     assert lrs[72] == pytest.approx(0.01) and lrs[73] == pytest.approx(0.001)
 
 
-# ------------------------------------------------------------------------------------- cosine / one-cycle
-
-
-def test_cosine_starts_at_one_and_decays_monotonically_to_the_final_factor():
-    schedule = CosineSchedule(final_factor=0.05).bind(steps_per_epoch=10, epochs=10)
-    factors = [schedule(s) for s in range(100)]
-    assert factors[0] == 1.0
-    assert all(b <= a for a, b in zip(factors, factors[1:]))
-    # Half-way the cosine is at its midpoint: 0.05 + 0.95 * 0.5.
-    assert factors[50] == pytest.approx(0.05 + 0.95 * 0.5)
-    assert factors[-1] == pytest.approx(0.05, abs=1e-3)
-    assert schedule(100) == pytest.approx(0.05)
-    lrs = lrs_used(CosineSchedule(final_factor=0.05), 10, 10)
-    assert lrs == pytest.approx([BASE_LR * f for f in factors])
-
-
-def test_cosine_linear_warmup_then_monotone_decay():
-    schedule = CosineSchedule(warmup_epochs=2, final_factor=0.0).bind(steps_per_epoch=10, epochs=10)
-    factors = [schedule(s) for s in range(100)]
-    # 20 warm-up iterations: (s + 1) / 20, reaching 1 on the last one.
-    assert factors[:20] == pytest.approx([(s + 1) / 20 for s in range(20)])
-    assert factors[20] == 1.0
-    after = factors[19:]
-    assert all(b <= a for a, b in zip(after, after[1:]))
-    assert factors[-1] == pytest.approx(0.0, abs=1e-3)
-
-
-def test_one_cycle_rises_to_one_at_the_peak_and_ends_at_zero():
-    schedule = OneCycleSchedule(peak=0.4).bind(steps_per_epoch=10, epochs=10)
-    factors = [schedule(s) for s in range(101)]
-    assert factors[0] == 0.0
-    assert factors[20] == pytest.approx(0.5)  # half-way up: 20 / 40
-    assert factors[40] == pytest.approx(1.0) and max(factors) == factors[40]
-    assert factors[70] == pytest.approx(0.5)  # half-way down: (1 - 0.7) / 0.6
-    assert factors[99] == pytest.approx(0.01 / 0.6)
-    assert factors[100] == 0.0
-    assert all(b >= a for a, b in zip(factors[:40], factors[1:41]))
-    assert all(b <= a for a, b in zip(factors[40:], factors[41:]))
-    lrs = lrs_used(OneCycleSchedule(peak=0.4, start_factor=0.1), 10, 10, base_lr=0.2)
-    assert lrs[0] == pytest.approx(0.02) and max(lrs) == pytest.approx(0.2) and lrs.index(max(lrs)) == 40
-
-
 def test_bad_schedule_arguments_raise():
-    with pytest.raises(ValueError, match=r"peak must be in \(0, 1\)"):
-        OneCycleSchedule(peak=1.0)
     with pytest.raises(ValueError, match="steps_per_epoch >= 1 and epochs >= 1"):
         PaperStepSchedule().bind(0, 100)
     with pytest.raises(ValueError, match="steps_per_epoch >= 1 and epochs >= 1"):
@@ -175,8 +129,6 @@ SCHEDULES = {
     "paper_step": lambda: PaperStepSchedule(),
     "trades": lambda: PaperStepSchedule(warmup_epochs=0, milestone_epochs=(5, 7)),
     "multistep": lambda: MultiStepSchedule(),
-    "cosine": lambda: CosineSchedule(warmup_epochs=1, final_factor=0.01),
-    "one_cycle": lambda: OneCycleSchedule(peak=0.3),
 }
 
 
