@@ -25,31 +25,25 @@ from typing import Any
 
 import gin
 
-from pipeline.config import GIN_DIR, available_configs, is_experiment, load_config
+from pipeline.config import GIN_DIR, available_configs, is_experiment, load_config, render_value
 
 GOLDEN = Path(__file__).with_name("gin_bindings.json")
 # The profile combinations recorded for every experiment, appended after it as on the command line.
 PROFILES = ("smoke", "stable", "smoke,stable")
 
 
-def render(value: Any) -> str:
-    """A bound value as gin source text: references by scope and short name, containers in their order.
+def _by_short_name(ref: gin.config.ConfigurableReference) -> str:
+    """``%MACRO``, or ``@scope/Name()`` with the configurable's short name (not its module path)."""
+    scope = "/".join(ref.scopes)
+    if ref.configurable.selector == "gin.macro":
+        return f"%{scope}"
+    name = f"{scope}/{ref.configurable.name}" if scope else ref.configurable.name
+    return f"@{name}{'()' if ref.evaluate else ''}"
 
-    Dict order is kept (the order of ``WeightedLoss.terms`` is the order the loss sums its terms in).
-    """
-    if isinstance(value, gin.config.ConfigurableReference):
-        scope = "/".join(value.scopes)
-        if value.configurable.selector == "gin.macro":
-            return f"%{scope}"
-        name = f"{scope}/{value.configurable.name}" if scope else value.configurable.name
-        return f"@{name}{'()' if value.evaluate else ''}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{render(k)}: {render(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(render(v) for v in value) + "]"
-    if isinstance(value, tuple):
-        return "(" + ", ".join(render(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-    return repr(value)
+
+def render(value: Any) -> str:
+    """A bound value as gin source text: references by scope and short name, containers in their order."""
+    return render_value(value, _by_short_name)
 
 
 def current_bindings() -> dict[str, str]:
