@@ -76,7 +76,7 @@ def d2r_loss_terms(out_adv: Tensor, out_natural: Tensor, out_guide: Tensor, y: T
 
     ``out_adv = target(x')``, ``out_natural = target(x)``, ``out_guide = guide(x)``. Returns ``loss`` and
     ``ce_guide``, ``mse``, ``kl_gap`` (``|kl1 - kl2|``) and ``kl_adv`` (``kl5``), named as robustflow's
-    ``gin/losses/d2r.gin`` names them. Nothing is detached.
+    ``gin/methods/d2r.gin`` names them. Nothing is detached.
     """
     kl1 = _kl_helper(F.log_softmax(out_guide, dim=1), F.softmax(out_natural, dim=1)).mean()
     kl2 = _kl_helper(F.log_softmax(out_natural, dim=1), F.softmax(out_guide, dim=1)).mean()

@@ -14,7 +14,7 @@ import difflib
 import logging
 import operator
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,19 +260,32 @@ def macro(name: str, default: Any = None) -> Any:
     return gin.query_parameter(f"%{name}") if name in defined_macros() else default
 
 
+def render_value(value: Any, reference: Callable[[gin.config.ConfigurableReference], str]) -> str:
+    """A bound value as gin source text, each ``@ref``/``%MACRO`` inside it written by ``reference``.
+
+    Containers keep their order (a dict's order can matter: ``WeightedLoss.terms`` sums in it).
+    """
+    if isinstance(value, gin.config.ConfigurableReference):
+        return reference(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {render_value(v, reference)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(render_value(v, reference) for v in value) + "]"
+    if isinstance(value, tuple):
+        items = ", ".join(render_value(v, reference) for v in value)
+        return "(" + items + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
+
+
+def _macro_value_or_ref(ref: gin.config.ConfigurableReference) -> str:
+    if ref.selector == "gin.macro":
+        return _resolved(gin.config._CONFIG[(ref.scoped_selector.split("/")[0], "gin.macro")]["value"])
+    return repr(ref)
+
+
 def _resolved(value: Any) -> str:
     """``repr`` of a bound value with every ``%MACRO`` replaced by the macro's value (``@refs`` stay)."""
-    if isinstance(value, gin.config.ConfigurableReference):
-        if value.selector == "gin.macro":
-            return _resolved(gin.config._CONFIG[(value.scoped_selector.split("/")[0], "gin.macro")]["value"])
-        return repr(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k!r}: {_resolved(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_resolved(v) for v in value) + "]"
-    if isinstance(value, tuple):
-        return "(" + ", ".join(_resolved(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-    return repr(value)
+    return render_value(value, _macro_value_or_ref)
 
 
 def flat_parameters() -> dict[str, str]:

@@ -1,5 +1,7 @@
 """Every experiment config parses, builds and trains a step; the paper configs carry METHODS.md's numbers."""
 
+import re
+
 import pytest
 import torch
 
@@ -226,3 +228,39 @@ def test_eps_out_of_range_fails_at_build(override, message):
     load_config("d2r_cag_cifar10,smoke", override)
     with pytest.raises(ValueError, match=message):
         experiment()
+
+
+def _fragment_macros(path, seen=()):
+    """The macros a gin fragment uses (``%NAME``) and those it defines, its includes' counted in."""
+    text = path.read_text()
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    used = set(re.findall(r"%([A-Z_][A-Z0-9_]*)", code))
+    defined = set(re.findall(r"^([A-Z_][A-Z0-9_]*)\s*=", code, re.MULTILINE))
+    for name in re.findall(r"^include\s+'([^']+)'", code, re.MULTILINE):
+        if name not in seen:
+            more_used, more_defined = _fragment_macros(GIN_DIR / name, (*seen, name))
+            used |= more_used
+            defined |= more_defined
+    return used, defined
+
+
+FRAGMENTS = sorted(
+    p.relative_to(GIN_DIR).as_posix() for p in GIN_DIR.glob("*/*.gin") if p.parent.name != "search"
+)
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS)
+def test_fragment_header_names_the_macros_it_requires(fragment):
+    # A fragment is included by an experiment, which must define what the fragment uses and does not
+    # define: its "# Requires:" line says what (t5x's convention), and must stay true as fragments change.
+    header = re.search(r"^# Requires: ([^(\n]*)", (GIN_DIR / fragment).read_text(), re.MULTILINE)
+    assert header, f"gin/{fragment} has no '# Requires: ...' line"
+    stated = {m.strip() for m in header.group(1).split(",")} - {"none", ""}
+    used, defined = _fragment_macros(GIN_DIR / fragment)
+    assert stated == used - defined, f"gin/{fragment}: '# Requires: {header.group(1).strip()}'"
+
+
+def test_experiments_are_layered_one_dataset_model_and_method_each():
+    for name in EXPERIMENTS:
+        includes = re.findall(r"^include '([^/]+)/", (GIN_DIR / f"{name}.gin").read_text(), re.MULTILINE)
+        assert sorted(i for i in includes if i != "search") == ["base", "methods", "models"], name
