@@ -80,11 +80,10 @@ def test_scoring_counts_each_example_and_the_worst_case_across_batches():
     plan = plan_radii({"a": Flip([0]), "b": Flip([1, 2])}, (EPS_8_255,))
     tally = Tally()
     for b in range(2):
-        tally.n += x.shape[0]
-        clean_ok = model(x).argmax(1) == y
-        tally.clean = tally.clean + clean_ok.sum()
+        clean_ok = tally.count_clean(model(x), y)
         score_batch(model, x, y, clean_ok, plan, tally, batch=b, seed=0, checks=True, amp=False)
     (r,) = tally.results(plan)
+    assert tally.num_classes == 2
     assert (r.n, r.clean_acc, r.acc, r.worst_acc) == (8, 1.0, {"a": 0.75, "b": 0.5}, 0.25)
     assert tally.violations[(EPS_8_255, "a")] == {"shape": 0, "nan": 0, "ball": 0, "box": 0}
     assert assemble_flags(tally, [r], plan, checks=True) == []
@@ -93,9 +92,8 @@ def test_scoring_counts_each_example_and_the_worst_case_across_batches():
 def test_a_black_box_attack_that_beats_the_white_box_ones_is_flagged():
     model, (x, y) = FirstPixel(), _batch()
     plan = plan_radii({"white": Flip([0]), "square": Flip([0, 3], white_box=False)}, (EPS_8_255,))
-    tally = Tally(n=4, num_classes=2)
-    clean_ok = model(x).argmax(1) == y
-    tally.clean = clean_ok.sum()
+    tally = Tally()
+    clean_ok = tally.count_clean(model(x), y)
     score_batch(model, x, y, clean_ok, plan, tally, batch=0, seed=0, checks=True, amp=False)
     # Example 3 survived every white-box attack but not the black-box one.
     assert int(tally.extra_fooled[(EPS_8_255, "square")]) == 1
@@ -103,7 +101,7 @@ def test_a_black_box_attack_that_beats_the_white_box_ones_is_flagged():
     assert len(flags) == 1 and flags[0].startswith("[black-box-wins] square at eps=8/255 fooled 1/4")
     # checks=False keeps only the flags the attacks raise themselves, grouped.
     plan[0][1]["white"].flags += ["[autoattack] seen at step 1", "[autoattack] seen at step 2"]
-    tally.n += 4
+    clean_ok = tally.count_clean(model(x), y)
     score_batch(model, x, y, clean_ok, plan, tally, batch=1, seed=0, checks=False, amp=False)
     assert assemble_flags(tally, tally.results(plan), plan, checks=False) == [
         "[autoattack] seen at step 1 (raised 2 times)"

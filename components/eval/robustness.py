@@ -117,6 +117,14 @@ class Tally:
     model_flags: list[str] = field(default_factory=list)
     attack_flags: list[str] = field(default_factory=list)
 
+    def count_clean(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Count one batch's clean predictions; returns which examples are correct."""
+        clean_ok = logits.argmax(1) == y
+        self.n += y.shape[0]
+        self.num_classes = logits.shape[1]
+        self.clean = self.clean + clean_ok.sum()
+        return clean_ok
+
     def results(self, plan: Plan) -> list[EpsResult]:
         """One :class:`EpsResult` per planned radius, sorted by eps."""
 
@@ -358,12 +366,8 @@ def evaluate_robustness(
         torch.autocast(device.type, enabled=False),
     ):
         for b, (x, y) in enumerate(_batches(batches, device, max_examples)):
-            tally.n += x.shape[0]
             with torch.no_grad():
-                logits = model(x)
-            tally.num_classes = logits.shape[1]
-            clean_ok = logits.argmax(1) == y
-            tally.clean = tally.clean + clean_ok.sum()
+                clean_ok = tally.count_clean(model(x), y)
             if checks and b == 0:
                 tally.model_flags += eval_checks.run_model_checks(model, x, y, large_eps=large_eps)
             score_batch(
