@@ -5,12 +5,9 @@ Importing this package registers every configurable with gin. Nothing here impor
 
 from components import (  # noqa: F401  (imported for gin registration)
     attacks,
-    autoattack_eval,
     backbones,
     data,
-    eval_checks,
-    eval_suite,
-    evaluation,
+    eval,
     experiment,
     graph,
     losses,

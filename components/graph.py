@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from components.attacks import PGDGenerator
 from components.losses import WeightedLoss
+from components.modes import model_mode
 from components.views import parse_view
 
 
@@ -90,10 +91,6 @@ class TrainingGraph(nn.Module):
             if name in views:
                 out[key] = views[name].detach()
             else:
-                model = self.target
-                was_training = model.training
-                model.eval()
-                with torch.no_grad():
-                    out[key] = model(inputs[inp])
-                model.train(was_training)
+                with model_mode(self.target, train=False), torch.no_grad():
+                    out[key] = self.target(inputs[inp])
         return out

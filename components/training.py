@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from components import distributed as dist
 from components.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from components.evaluation import robust_accuracy
+from components.eval.attacks import robust_accuracy
 from components.graph import TrainingGraph
 from components.guard import DivergenceGuard, TrainingDivergedError
 from components.optim import sgd

@@ -13,7 +13,7 @@ Per method (built from its gin config, with the backbones and batch size overrid
 ``TrainingGraph.step`` + backward + optimizer step exactly as ``Trainer`` runs them (bf16 autocast and
 channels_last on CUDA only, fused SGD on CUDA, optional ``torch.compile``, per-step statistics summed on
 the device and read once), over ``--steps`` steps after ``--warmup`` steps, with the device synchronized
-around the timed region; then PGD-20 evaluation (``components.evaluation.robust_accuracy``) and,
+around the timed region; then PGD-20 evaluation (``components.eval.attacks.robust_accuracy``) and,
 optionally, AutoAttack 'standard'. Speed is measured here, never asserted in a test.
 
 FLOPs per training image, counted in forward-pass equivalents of each backbone (``F_m`` =
@@ -567,7 +567,7 @@ def bench_pgd_eval(
 ) -> dict[str, Any]:
     """PGD-20 evaluation throughput of ``robust_accuracy`` (clean forward, 20 steps, adversarial forward)."""
     from components.data import DeviceLoader
-    from components.evaluation import robust_accuracy
+    from components.eval.attacks import robust_accuracy
 
     device = images.device
     loader = DeviceLoader(images, labels, batch_size)
@@ -584,10 +584,10 @@ def bench_pgd_eval(
 
 
 def _autoattack_runner() -> tuple[str, Callable[..., tuple[Tensor, list[str]]]]:
-    """AutoAttack through robustflow's wrapper (``components.autoattack_eval.AutoAttack``) when it exists,
+    """AutoAttack through robustflow's wrapper (``components.eval.autoattack.AutoAttack``) when it exists,
     else through ``pyautoattack`` directly. The runner returns x_adv and the attack's warnings."""
-    if importlib.util.find_spec("components.autoattack_eval") is not None:
-        from components.autoattack_eval import AutoAttack as RobustflowAutoAttack
+    if importlib.util.find_spec("components.eval.autoattack") is not None:
+        from components.eval.autoattack import AutoAttack as RobustflowAutoAttack
 
         def run_wrapper(
             model: nn.Module, x: Tensor, y: Tensor, *, eps: float, version: str, batch_size: int
@@ -595,7 +595,7 @@ def _autoattack_runner() -> tuple[str, Callable[..., tuple[Tensor, list[str]]]]:
             attack = RobustflowAutoAttack(eps=eps, version=version, batch_size=batch_size, seed=0)
             return attack(model, x, y), list(attack.flags)
 
-        return "components.autoattack_eval.AutoAttack", run_wrapper
+        return "components.eval.autoattack.AutoAttack", run_wrapper
 
     def run_direct(
         model: nn.Module, x: Tensor, y: Tensor, *, eps: float, version: str, batch_size: int
@@ -801,7 +801,7 @@ def compare_fast_path(
     images.
     """
     from components.data import DeviceLoader
-    from components.evaluation import robust_accuracy
+    from components.eval.attacks import robust_accuracy
 
     runs = {}
     for label, fast in (("fast", None), ("plain", False)):

@@ -96,7 +96,7 @@ def accuracy_vs_eps_figure(report) -> plt.Figure:  # noqa: ANN001  (an EvalRepor
 def main(argv: list[str] | None = None) -> int:
     """Run the entry point; returns the process exit code."""
     from components.data import DataModule, DataNotFoundError
-    from components.eval_suite import CURVE_EPS, get_suite
+    from components.eval.suite import CURVE_EPS, get_suite
 
     args = parse_args(argv)
     configure_tracking()

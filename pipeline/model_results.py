@@ -68,7 +68,7 @@ def curve_points(report: Any) -> dict[str, list[tuple[int, float]]]:  # noqa: AN
 
 def version_tags(metrics: dict[str, float], report: Any, eps: list[float], run_id: str) -> dict[str, str]:  # noqa: ANN401
     """The headline numbers at the primary eps, the radii, the suite and the flags, as version tags."""
-    from components.eval_suite import format_eps
+    from components.eval.report import format_eps
 
     tags = {
         f"{EVAL_TAG_PREFIX}{key.removeprefix('test/')}": f"{value:.4f}"

@@ -305,7 +305,7 @@ def train_experiment(
 def test_metrics(exp, best_checkpoint: Path) -> dict[str, float]:  # noqa: ANN001  (an Experiment)
     """Clean and PGD-20 test accuracy of the last model and of the best checkpoint (by validation)."""
     from components.checkpoint import load_checkpoint
-    from components.evaluation import robust_accuracy
+    from components.eval.attacks import robust_accuracy
 
     target, device = exp.graph.target, exp.data.device
     k = exp.trainer.val_steps

@@ -616,3 +616,21 @@ def test_init_view_pgd2_matches_a_hand_written_regmix_loop():
 def test_init_view_requires_train_bn_mode():
     with pytest.raises(ValueError, match="init_view=True needs bn_mode='train'"):
         PGDGenerator(CEObjective(), EPS, EPS / 2, 2, init=RandomSignInit(), bn_mode="eval", init_view=True)
+
+
+def test_attack_restores_each_submodule_mode_and_leaves_frozen_parameters_frozen():
+    """A model may hold parts in their own state (a BN kept in eval, a frozen layer): the attack runs
+    every part in its mode and puts each back as it was; only the parameters it froze train again."""
+    target = conv_bn_net(0).train()
+    target[1].eval()
+    target[0].weight.requires_grad_(False)
+    bn_calls = count_forwards(target[1])
+    x, y = batch(8)
+    PGDGenerator(CEObjective(), EPS, STEP, steps=2, init=RandomSignInit(), bn_mode="train")(
+        {"target": target}, x, y
+    )
+    assert bn_calls == [True, True], "bn_mode='train' puts every submodule in train mode"
+    assert not target[1].training and all(m.training for i, m in enumerate(target) if i != 1)
+    assert not target[0].weight.requires_grad
+    assert all(p.requires_grad for n, p in target.named_parameters() if n != "0.weight")
+    assert all(p.grad is None for p in target.parameters())

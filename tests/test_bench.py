@@ -127,9 +127,9 @@ def test_compare_fast_path_and_autoattack_run_on_cpu(tmp_path):
     (row,) = report["methods"]
     assert row["aa_images"] == 4 and row["aa_images_per_s"] > 0
     assert 0 <= row["aa_robust_acc"] <= row["aa_clean_acc"]
-    wrapper = importlib.util.find_spec("components.autoattack_eval") is not None
+    wrapper = importlib.util.find_spec("components.eval.autoattack") is not None
     assert row["aa_impl"] == (
-        "components.autoattack_eval.AutoAttack" if wrapper else "pyautoattack.AutoAttack"
+        "components.eval.autoattack.AutoAttack" if wrapper else "pyautoattack.AutoAttack"
     )
     (cmp,) = report["compare_fast_path"]
     assert cmp["fast"]["amp"] is True and cmp["plain"]["amp"] is False

@@ -12,10 +12,10 @@ import torch
 from support import synthetic, train_mlp
 from torch import nn
 
-from components import eval_checks as checks
-from components.autoattack_eval import AutoAttack
-from components.eval_suite import evaluate_robustness
-from components.evaluation import CW, EPS_8_255, PGD
+from components.eval import checks
+from components.eval.attacks import CW, EPS_8_255, PGD
+from components.eval.autoattack import AutoAttack
+from components.eval.robustness import evaluate_robustness
 
 # Tiny tensors: intra-op threads only add contention when other jobs share the CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")

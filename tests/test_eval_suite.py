@@ -15,19 +15,11 @@ import torch
 from support import SHAPE, synthetic, train_mlp
 from torch import nn
 
-from components.autoattack_eval import AutoAttack
-from components.eval_suite import (
-    CURVE_EPS,
-    EPS_0031,
-    SUITE_NAMES,
-    EpsResult,
-    EvalReport,
-    evaluate_robustness,
-    format_eps,
-    get_suite,
-    metric_suffix,
-)
-from components.evaluation import CW, EPS_8_255, PGD, STEP_2_255
+from components.eval.attacks import CW, EPS_8_255, PGD, STEP_2_255
+from components.eval.autoattack import AutoAttack
+from components.eval.report import EpsResult, EvalReport, format_eps, metric_suffix
+from components.eval.robustness import evaluate_robustness
+from components.eval.suite import CURVE_EPS, EPS_0031, SUITE_NAMES, get_suite
 
 # MLflow accepts only these characters in metric names (no '@').
 MLFLOW_NAME = re.compile(r"^[\w\-. :/]+$")

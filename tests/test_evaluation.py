@@ -13,8 +13,7 @@ import torch
 from support import DIM, SHAPE, conv_bn_net, synthetic, train_mlp
 from torch import nn
 
-from components.autoattack_eval import AutoAttack
-from components.evaluation import (
+from components.eval.attacks import (
     CW,
     EPS_8_255,
     PGD,
@@ -24,6 +23,7 @@ from components.evaluation import (
     pgd_eval_attack,
     robust_accuracy,
 )
+from components.eval.autoattack import AutoAttack
 
 # Tiny tensors: intra-op threads only add contention when other jobs share the CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")

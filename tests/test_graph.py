@@ -120,14 +120,19 @@ def test_regmix_step_reuses_the_init_forward_four_forwards_in_all():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in graph.models["target"].parameters())
 
 
-def test_metric_logits_never_add_a_train_mode_forward():
-    """PGD-AT reads only target(x_adv); clean accuracy comes from an eval-mode no-grad forward."""
+def pgd_at_graph(steps: int) -> TrainingGraph:
+    """PGD-AT (train-mode PGD on CE, CE on the adversarial view only), in train mode."""
     models = {"target": tiny_net(0)}
-    gen = PGDGenerator(objective=CEObjective(), eps=8 / 255, step_size=2 / 255, steps=2, bn_mode="train")
+    gen = PGDGenerator(objective=CEObjective(), eps=8 / 255, step_size=2 / 255, steps=steps, bn_mode="train")
     graph = TrainingGraph(
         models=models, generator=gen, loss=WeightedLoss(terms={"ce": (1.0, CrossEntropy("target(x_adv)"))})
     )
-    graph.train()
+    return graph.train()
+
+
+def test_metric_logits_never_add_a_train_mode_forward():
+    """PGD-AT reads only target(x_adv); clean accuracy comes from an eval-mode no-grad forward."""
+    graph = pgd_at_graph(steps=2)
     rec = Recorder(graph.models)
     out = graph.step(*batch())
     assert rec.modes["target"] == [True, True, True, False]
@@ -156,3 +161,12 @@ def test_generator_model_must_exist():
     loss = WeightedLoss(terms={"t": (1.0, CrossEntropy(view="target(x)"))})
     with pytest.raises(ValueError, match="uses model 'guide'"):
         TrainingGraph(models={"target": tiny_net(0)}, generator=gen, loss=loss)
+
+
+def test_metric_forward_restores_each_submodule_mode():
+    """The eval-mode metric forward puts every submodule back in its own mode (a BN kept in eval stays)."""
+    graph = pgd_at_graph(steps=1)
+    graph.target[1].eval()
+    graph.step(*batch())
+    assert not graph.target[1].training
+    assert all(m.training for i, m in enumerate(graph.target) if i != 1)

@@ -2,7 +2,7 @@
 
 from components.attacks.inits import GaussianInit, Init, RandomSignInit, UniformInit, ZeroInit
 from components.attacks.objectives import CEObjective, Objective, SoftLabelKLObjective
-from components.attacks.pgd import AttackResult, PGDGenerator, bn_mode, check_eps, project
+from components.attacks.pgd import AttackResult, PGDGenerator, check_eps, project
 
 __all__ = [
     "AttackResult",
@@ -15,7 +15,6 @@ __all__ = [
     "SoftLabelKLObjective",
     "UniformInit",
     "ZeroInit",
-    "bn_mode",
     "check_eps",
     "project",
 ]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import gin
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 
 from components.attacks.inits import GaussianInit, Init
 from components.attacks.objectives import Objective
+from components.modes import model_mode
 
 BN_MODES = ("eval", "train")
 
@@ -40,33 +40,6 @@ class AttackResult:
 
     inputs: dict[str, Tensor]
     views: dict[str, Tensor] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def bn_mode(models: Mapping[str, nn.Module], names: tuple[str, ...], mode: str) -> Iterator[None]:
-    """Put the named models in train or eval mode for the duration, then restore each one's own mode."""
-    # Record every submodule: a model may hold parts in their own mode (e.g. a frozen BN in eval).
-    before = [(m, m.training) for n in names for m in models[n].modules()]
-    for n in names:
-        models[n].train(mode == "train")
-    try:
-        yield
-    finally:
-        for module, was_training in before:
-            module.training = was_training
-
-
-@contextlib.contextmanager
-def input_grad_only(models: Mapping[str, nn.Module], names: tuple[str, ...]) -> Iterator[None]:
-    """Freeze parameters so attack steps neither build nor store anything for weight gradients."""
-    params = [p for n in names for p in models[n].parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 @gin.configurable
@@ -113,10 +86,12 @@ class PGDGenerator:
         return project(x_adv.detach() + self.step_size * grad.sign(), x, self.eps)
 
     def __call__(self, models: Mapping[str, nn.Module], x: Tensor, y: Tensor) -> AttackResult:
-        names = self.models_used
+        used = [models[n] for n in self.models_used]
+        train = self.bn_mode == "train"
         views: dict[str, Tensor] = {}
         inputs: dict[str, Tensor] = {}
-        with bn_mode(models, names, self.bn_mode):
+        # Each model goes back to its own mode (a model may hold parts in their own mode, e.g. a frozen BN).
+        with model_mode(used, train=train):
             x_adv = self.init(x, self.eps).detach()
             first = 0
             ctx = self.objective.prepare(models, x, y)
@@ -130,7 +105,8 @@ class PGDGenerator:
                 views[f"{self.objective.model}(x_init)"] = logits
                 x_adv = self._ascend(x_init, grad, x)
                 first = 1
-            with input_grad_only(models, names):
+            # Frozen parameters: the steps neither build nor store anything for weight gradients.
+            with model_mode(used, train=train, freeze=True):
                 for _ in range(first, self.steps):
                     x_adv.requires_grad_(True)
                     loss, _ = self.objective(models, x_adv, y, ctx)

@@ -1,11 +1,11 @@
-"""Robust accuracy for model selection and reporting: the D2R/FGSM-PGK evaluation loop (METHODS.md 1.5).
+"""The evaluation attacks PGD and CW, and the PGD-20 accuracy of model selection (METHODS.md 1.5).
 
 PGD-k with a uniform random start, step 2/255, CE (or the CW margin) loss, and per-example early stop:
 each step moves only the examples the model still classifies correctly. The model must be in eval mode.
 
 The attack classes :class:`PGD` and :class:`CW` wrap that loop in the fra31/auto-attack style (parameters in
-the constructor, ``attack(model, x, y) -> x_adv``) so that the evaluation suite (``components.eval_suite``)
-can run them, and AutoAttack (``components.autoattack_eval``), side by side at several radii.
+the constructor, ``attack(model, x, y) -> x_adv``) so that the evaluation suite (``components.eval.suite``)
+can run them, and AutoAttack (``components.eval.autoattack``), side by side at several radii.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components.attacks.pgd import check_eps
+from components.modes import model_mode
 
 EPS_8_255 = 8 / 255
 STEP_2_255 = 2 / 255
@@ -82,11 +83,9 @@ def robust_accuracy(
     step_size: float = STEP_2_255,
 ) -> dict[str, float]:
     """Clean and PGD-``attack_steps`` accuracy of ``model`` (put in eval mode here) over a loader."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     correct = torch.zeros(2, dtype=torch.long)
     count = 0
-    try:
+    with model_mode(model, train=False):
         for x, y, _ in batches:
             correct = correct.to(x.device)
             with torch.no_grad():
@@ -95,9 +94,6 @@ def robust_accuracy(
             with torch.no_grad():
                 correct[1] += (model(x_adv).argmax(1) == y).sum()
             count += y.shape[0]
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
     if count == 0:
         raise ValueError("robust_accuracy: the loader yielded no examples")
     clean, adv = (correct.double() / count).tolist()

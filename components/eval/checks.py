@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.evaluation import pgd_eval_attack
+from components.eval.attacks import pgd_eval_attack
 
 #: AutoAttack's tolerance for "attack A found more than attack B" comparisons (0.2 % of the examples).
 ALPHA = 0.002
@@ -32,7 +32,12 @@ def _pct(x: float) -> str:
 
 @contextlib.contextmanager
 def _frozen_state(model: nn.Module) -> Iterator[None]:
-    """Restore buffers (BN running stats) afterwards: a check must not change the model it looks at."""
+    """Restore buffers (BN running stats) afterwards: a check must not change the model it looks at.
+
+    Not :func:`components.modes.model_mode`, which restores modes and ``requires_grad`` but not buffer
+    values: a check may run a model its caller left in train mode (that is what ``[eval-mode]`` reports),
+    and a train-mode forward moves the BN running statistics, which only a copy can put back.
+    """
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
         yield

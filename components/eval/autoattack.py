@@ -24,8 +24,9 @@ import pyautoattack
 import torch
 from torch import Tensor, nn
 
-from components.attacks.pgd import check_eps, input_grad_only
-from components.evaluation import EPS_8_255
+from components.attacks.pgd import check_eps
+from components.eval.attacks import EPS_8_255
+from components.modes import model_mode
 
 #: The stages each version runs, in order (pyautoattack's attack names).
 STAGES: dict[str, tuple[str, ...]] = {
@@ -72,8 +73,9 @@ class AutoAttack:
 
     After a call, :attr:`last_stages` maps each stage to a bool tensor: still correctly classified after that
     stage and all earlier ones (cumulative, as AutoAttack reports them); :attr:`flags` holds pyautoattack's
-    warnings from that call. The model must be in eval mode; its parameters are frozen during the call and
-    the global RNG state is restored afterwards (pyautoattack reseeds it).
+    warnings from that call. The model runs in eval mode with frozen parameters during the call (each
+    module's mode and flag restored afterwards), and the global RNG state is restored afterwards
+    (pyautoattack reseeds it).
     """
 
     white_box = True
@@ -119,10 +121,11 @@ class AutoAttack:
         y = y.to(device)
         fork = [device.index or 0] if device.type == "cuda" else []
         # Frozen parameters: FAB calls .backward(), which would fill (and leave) their .grad, and every
-        # attack would keep activations for weight gradients it never uses.
+        # attack would keep activations for weight gradients it never uses. Eval mode is the documented
+        # precondition (every caller already sets it); here it is also guaranteed.
         with (
             torch.random.fork_rng(devices=fork),
-            input_grad_only({"model": model}, ("model",)),
+            model_mode(model, train=False, freeze=True),
             torch.no_grad(),
         ):
             logits = model(x)
