@@ -48,6 +48,7 @@ DEFAULT_METHODS = (
     "pgd_at_cifar10",
     "regmix_cifar10",
     "pgd2_mse_cifar10",
+    "mart_cifar10",
 )
 DATA = Path(os.environ.get("ROBUSTFLOW_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
