@@ -1,4 +1,4 @@
-"""Helpers shared by the evaluation tests: an easy synthetic task and a small model trained on it."""
+"""Helpers shared by the attack and evaluation tests: tiny models, seeded batches, an easy synthetic task."""
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,31 @@ def train_mlp() -> nn.Module:
         opt.step()
     net.zero_grad(set_to_none=True)
     return net.eval()
+
+
+def binary_linear(w: torch.Tensor, b: float = 0.0) -> nn.Module:
+    """Logits ``[0, w.x + b]``: class 1 wins iff ``w.x + b > 0``."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(DIM, 2))
+    with torch.no_grad():
+        net[1].weight.zero_()
+        net[1].weight[1] = w
+        net[1].bias.copy_(torch.tensor([0.0, b]))
+    return net
+
+
+def batch(n: int = 8, seed: int = 0, low: float = 0.0, high: float = 1.0, classes: int = 10):
+    """A seeded batch of ``n`` 3x8x8 images uniform in [low, high] and labels in [0, classes)."""
+    g = torch.Generator().manual_seed(seed)
+    x = low + (high - low) * torch.rand(n, *SHAPE, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def count_forwards(module: nn.Module) -> list[bool]:
+    """Record ``module.training`` at every forward call (the list length is the number of calls)."""
+    calls: list[bool] = []
+    module.register_forward_hook(lambda m, inp, out: calls.append(m.training))
+    return calls
 
 
 def conv_bn_net(seed: int = 0, num_classes: int = 10) -> nn.Module:
