@@ -20,7 +20,7 @@ from pipeline.train import build
 from pipeline.tune import main
 from pipeline.tuning.plan import CONFIG_ATTR, EXIT_USAGE, NOTE_TAG, RUN_ATTR, VERSION_ATTR
 from pipeline.tuning.pruning import Pruning, dominates
-from pipeline.tuning.space import parse_dimension, suggest
+from pipeline.tuning.space import describe_space, parse_dimension, suggest
 from pipeline.tuning.storage import parse_storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,6 +279,12 @@ def test_search_space_declarations_parse_to_optuna_distributions():
     assert isinstance(parse_dimension("SEED", ("categorical", [0, 1, 2])), CategoricalDistribution)
     with pytest.raises(ConfigError, match="at least two choices"):
         parse_dimension("SEED", ("categorical", [0]))
+
+    # How the space reads on the parent run's tags, the study and the first line of every worker (as before).
+    assert describe_space({n: parse_dimension(n, d) for n, d in SAMPLED_SPACE.items()}) == (
+        "ALPHA: float in [3.0, 300.0], log scale; BETA: float in [0.0, 12.0]; STEPS: int in [1, 10]; "
+        "WIDTH: int in [4, 64], log scale; INIT in ['uniform', 'normal', 'sign']"
+    )
 
 
 # Drawn by the code before the search space became optuna.distributions (Dimension.suggest, at 5a50a17),
