@@ -234,6 +234,7 @@ def _quiet_include_search() -> Iterator[None]:
 def load_config(spec: str, overrides: str | list[str] | None = None) -> LoadedConfig:
     """Clear gin, register every component, apply the files then the overrides, and check them."""
     import components  # noqa: F401  (registers every configurable with gin)
+    import pipeline.tuning.space  # noqa: F401  (registers SearchSpace, which gin/search/*.gin bind)
 
     files = resolve_gin_files(spec)
     _check_order([s.strip() for s in str(spec).split(",") if s.strip()], files)

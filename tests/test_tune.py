@@ -1,5 +1,6 @@
 """Optuna studies over the loss weights, end to end: real Optuna and MLflow stores, tiny real training."""
 
+import math
 import os
 import subprocess
 import sys
@@ -9,24 +10,18 @@ import gin
 import mlflow
 import optuna
 import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from pipeline.config import ConfigError, flat_parameters, macro
+from pipeline.config import ConfigError, flat_parameters, load_config, macro
 from pipeline.registry import CHAMPION
 from pipeline.train import build
-from pipeline.tune import (
-    CONFIG_ATTR,
-    EXIT_USAGE,
-    NOTE_TAG,
-    RUN_ATTR,
-    VERSION_ATTR,
-    Pruning,
-    dominates,
-    main,
-    parse_dimension,
-    parse_storage,
-)
+from pipeline.tune import main
+from pipeline.tuning.plan import CONFIG_ATTR, EXIT_USAGE, NOTE_TAG, RUN_ATTR, VERSION_ATTR
+from pipeline.tuning.pruning import Pruning, dominates
+from pipeline.tuning.space import describe_space, parse_dimension, suggest
+from pipeline.tuning.storage import parse_storage
 
 REPO = Path(__file__).resolve().parents[1]
 GIN = "d2r_cag_cifar10,smoke"
@@ -274,13 +269,74 @@ def test_bad_search_spaces_fail_before_any_trial(
     assert not Path("optuna.db").exists() and not Path("mlflow.db").exists(), "work started anyway"
 
 
-def test_search_space_declarations_parse_to_dimensions():
+def test_search_space_declarations_parse_to_optuna_distributions():
     alpha = parse_dimension("ALPHA", ("float", 3, 300, "log"))
+    assert alpha == FloatDistribution(3.0, 300.0, log=True)
     assert (alpha.low, alpha.high, alpha.log) == (3.0, 300.0, True)
     assert parse_dimension("BETA", ("float", 0.0, 12.0)).log is False
+    assert parse_dimension("STEPS", ("int", 1, 10)) == IntDistribution(1, 10)
     assert parse_dimension("SEED", ("categorical", [0, 1, 2])).choices == (0, 1, 2)
+    assert isinstance(parse_dimension("SEED", ("categorical", [0, 1, 2])), CategoricalDistribution)
     with pytest.raises(ConfigError, match="at least two choices"):
         parse_dimension("SEED", ("categorical", [0]))
+
+    # How the space reads on the parent run's tags, the study and the first line of every worker (as before).
+    assert describe_space({n: parse_dimension(n, d) for n, d in SAMPLED_SPACE.items()}) == (
+        "ALPHA: float in [3.0, 300.0], log scale; BETA: float in [0.0, 12.0]; STEPS: int in [1, 10]; "
+        "WIDTH: int in [4, 64], log scale; INIT in ['uniform', 'normal', 'sign']"
+    )
+
+
+# Drawn by the code before the search space became optuna.distributions (Dimension.suggest, at 5a50a17),
+# with the samplers below: the same declarations must keep drawing the same values for the same seed.
+SAMPLED_SPACE = {
+    "ALPHA": ("float", 3.0, 300.0, "log"),
+    "BETA": ("float", 0.0, 12.0),
+    "STEPS": ("int", 1, 10),
+    "WIDTH": ("int", 4, 64, "log"),
+    "INIT": ("categorical", ["uniform", "normal", "sign"]),
+}
+SAMPLED_BEFORE = {
+    "tpe": [  # three random start-up trials, then two drawn by TPE from the scores told
+        (37.561961444998396, 8.582272396469033, 7, 17, "normal"),
+        (182.24988220277075, 11.56395312601235, 4, 35, "sign"),
+        (4.160958373607196, 1.0455515964184885, 1, 40, "sign"),
+        (22.865790247653752, 0.5062481221676194, 1, 23, "sign"),
+        (10.44216979692703, 5.580368752854371, 2, 6, "uniform"),
+    ],
+    "random": [
+        (20.47223528129649, 8.643893921305898, 1, 8, "sign"),
+        (14.731355455397903, 4.761209690768039, 6, 12, "sign"),
+        (3.4032702797505707, 8.045610122140827, 5, 18, "sign"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "name, sampler",
+    [
+        ("tpe", lambda: optuna.samplers.TPESampler(seed=0, n_startup_trials=3, constant_liar=True)),
+        ("random", lambda: optuna.samplers.RandomSampler(seed=1)),
+    ],
+)
+def test_a_seeded_study_draws_the_same_values_as_before(name, sampler):
+    space = {macro_name: parse_dimension(macro_name, d) for macro_name, d in SAMPLED_SPACE.items()}
+    study = optuna.create_study(direction="maximize", sampler=sampler())
+    drawn = []
+    for _ in SAMPLED_BEFORE[name]:
+        trial = study.ask()
+        v = {macro_name: suggest(trial, macro_name, d) for macro_name, d in space.items()}
+        study.tell(trial, math.log(v["ALPHA"]) - v["BETA"] + v["STEPS"] / v["WIDTH"] + len(v["INIT"]))
+        drawn.append(tuple(v.values()))
+    assert drawn == SAMPLED_BEFORE[name]
+
+
+def test_search_fragments_bind_the_search_space_without_importing_an_entry_point():
+    for fragment in sorted((REPO / "gin" / "search").glob("*.gin")):
+        lines = fragment.read_text().splitlines()
+        assert not [line for line in lines if line.startswith("import ")], fragment.name
+    load_config(GIN)  # the config loader registers SearchSpace itself
+    assert set(gin.query_parameter("SearchSpace.params")) == SEARCHED
 
 
 def test_storage_defaults_beside_the_mlflow_store_and_never_inside_it(tmp_path):
