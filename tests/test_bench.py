@@ -6,7 +6,6 @@ step really runs, and that the reference loop computes the same D2R-CAG step as 
 """
 
 import copy
-import importlib.util
 import json
 import math
 
@@ -22,6 +21,7 @@ from benchmarks.reference_d2r import (
     reference_flop_counts,
     run_reference,
 )
+from components.autoattack_eval import AutoAttack
 from components.backbones import build_backbone
 from components.experiment import experiment
 from pipeline.bench import (
@@ -127,10 +127,7 @@ def test_compare_fast_path_and_autoattack_run_on_cpu(tmp_path):
     (row,) = report["methods"]
     assert row["aa_images"] == 4 and row["aa_images_per_s"] > 0
     assert 0 <= row["aa_robust_acc"] <= row["aa_clean_acc"]
-    wrapper = importlib.util.find_spec("components.autoattack_eval") is not None
-    assert row["aa_impl"] == (
-        "components.autoattack_eval.AutoAttack" if wrapper else "pyautoattack.AutoAttack"
-    )
+    assert row["aa_impl"] == f"{AutoAttack.__module__}.AutoAttack"  # robustflow's wrapper, the one path
     (cmp,) = report["compare_fast_path"]
     assert cmp["fast"]["amp"] is True and cmp["plain"]["amp"] is False
     rows = {r["quantity"]: r for r in cmp["rows"]}
