@@ -162,7 +162,8 @@ def _batches(loader: DataLoader, count: int) -> Iterator[tuple[Tensor, Tensor]]:
                 return
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA); a no-op on CPU, where work is synchronous."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -245,7 +246,7 @@ def run_reference(
     with _cudnn_deterministic():
         for i, (data, labels_b) in enumerate(_batches(loader, warmup + steps)):
             if i == warmup:
-                _sync(device)
+                sync_device(device)
                 t_start = t_last = time.perf_counter()
             data, labels_b = data.to(device), labels_b.to(device)
             out = d2r_step(target, guide, optimizer, data, labels_b, step_size, epsilon, attack_steps)
@@ -256,7 +257,7 @@ def run_reference(
                 now = time.perf_counter()
                 step_ms.append(1000 * (now - t_last))
                 t_last = now
-        _sync(device)
+        sync_device(device)
     elapsed = time.perf_counter() - t_start
     return {
         "images_per_s": seen / elapsed,

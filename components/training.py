@@ -49,6 +49,16 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def step_losses(out: dict[str, Any], term_names: list[str]) -> torch.Tensor:
+    """``[loss, *parts (in term order)]`` of one step's outputs, as one float32 tensor left on the device.
+
+    The per-step record of the epoch loop (and its divergence guard) and of the bench's timed steps.
+    """
+    return torch.stack(
+        [out["loss"].detach().float(), *(out["parts"][n].detach().float() for n in term_names)]
+    )
+
+
 def resolve_auto(flag: bool | str, device: torch.device) -> bool:
     """A fast-path switch: ``'auto'`` means on CUDA only."""
     return device.type == "cuda" if flag == "auto" else bool(flag)
@@ -281,9 +291,7 @@ class Trainer:
             scheduler.step()
             step += 1
             b = y.shape[0]
-            stats = torch.stack(
-                [out["loss"].detach().float(), *(out["parts"][n].detach().float() for n in term_names)]
-            )
+            stats = step_losses(out, term_names)
             guard.update(stats, step)
             if guard.due(step):
                 self._check(guard, epoch, device)

@@ -3,7 +3,7 @@
 Two ways the first bench misled: it ran every method at its base lr (0.1) from the first step, where the
 configs' own schedules start at a warm-up lr (0.02 for LBGAT/D2R), so two-model methods went to NaN within 20
 steps; and it averaged NaN losses into a number-looking table cell and compared two NaN runs as if they were
-results. This module holds the fixes, kept out of ``pipeline/bench.py`` so that the bench and the learning
+results. This module holds the fixes, kept out of ``pipeline/bench/`` so that the bench and the learning
 check share them:
 
 * :func:`lr_scheduler_for`: the config's own schedule stepped per iteration exactly as ``Trainer.fit`` steps

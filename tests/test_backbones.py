@@ -245,3 +245,24 @@ def test_flops_counter_hand_computed():
     strided = nn.Sequential(nn.Conv2d(4, 8, kernel_size=3, stride=2, padding=1, groups=2))
     # 8 x 4 x 4 outputs x (4/2 * 9) MACs
     assert count_forward_flops(strided, (4, 8, 8)) == 2 * 8 * 4 * 4 * 2 * 9
+
+
+# count_forward_flops' totals before it moved to torch.utils.flop_counter.FlopCounterMode (hooks on every
+# nn.Conv2d and nn.Linear, 2 x MACs), recorded at 5a50a17: the counter must give the same numbers.
+HAND_COUNTED_FLOPS = {
+    ("small_cnn", 10): 20_646_400,
+    ("small_cnn", 100): 20_669_440,
+    ("resnet18", 10): 1_110_845_440,
+    ("resnet18", 100): 1_110_937_600,
+    ("resnet18_lbgat", 10): 3_526_764_544,
+    ("resnet18_lbgat", 100): 3_526_856_704,
+}
+
+
+@pytest.mark.parametrize(("name", "num_classes"), list(HAND_COUNTED_FLOPS))
+def test_flop_counter_totals_equal_the_former_hand_count(name, num_classes):
+    model = build_backbone(name, num_classes=num_classes).train()
+    flops = HAND_COUNTED_FLOPS[name, num_classes]
+    assert count_forward_flops(model, (3, 32, 32)) == flops
+    assert count_forward_flops(model, (4, 3, 32, 32)) == 4 * flops
+    assert all(m.training for m in model.modules())  # modes restored

@@ -6,7 +6,6 @@ step really runs, and that the reference loop computes the same D2R-CAG step as 
 """
 
 import copy
-import importlib.util
 import json
 import math
 
@@ -33,6 +32,7 @@ from pipeline.bench import (
     main,
     method_overrides,
     parse_args,
+    train_steps,
 )
 from pipeline.bench_health import (
     SCHEDULE,
@@ -127,10 +127,7 @@ def test_compare_fast_path_and_autoattack_run_on_cpu(tmp_path):
     (row,) = report["methods"]
     assert row["aa_images"] == 4 and row["aa_images_per_s"] > 0
     assert 0 <= row["aa_robust_acc"] <= row["aa_clean_acc"]
-    wrapper = importlib.util.find_spec("components.eval.autoattack") is not None
-    assert row["aa_impl"] == (
-        "components.eval.autoattack.AutoAttack" if wrapper else "pyautoattack.AutoAttack"
-    )
+    assert row["aa_impl"] == "components.eval.autoattack.AutoAttack"  # robustflow's wrapper, the one path
     (cmp,) = report["compare_fast_path"]
     assert cmp["fast"]["amp"] is True and cmp["plain"]["amp"] is False
     rows = {r["quantity"]: r for r in cmp["rows"]}
@@ -349,3 +346,26 @@ def test_profiles_apply_after_each_methods_config(tmp_path, capsys):
     assert "- profiles: smoke" in (tmp_path / "bench.md").read_text()
     assert main([*argv[:-2], "--profile", "no_such_profile"]) == 2
     assert "unknown gin config 'no_such_profile'" in capsys.readouterr().err
+
+
+def test_bench_steps_go_through_trainer_train_step_and_record_its_losses(monkeypatch):
+    # The bench has no step of its own: each row is Trainer.train_step's output, [loss, *parts, accs].
+    exp = _build("pgd_at_cifar10", ["BATCH_SIZE = 4", "ATTACK_STEPS = 1"])
+    graph, trainer = exp.graph.train(), exp.trainer
+    optimizer = trainer.optimizer_fn(graph.models)
+    outs = []
+    step = type(trainer).train_step
+
+    def recording_step(self, *args):
+        outs.append(step(self, *args))
+        return outs[-1]
+
+    monkeypatch.setattr(type(trainer), "train_step", recording_step)
+    batches = [(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)), None) for _ in range(2)]
+    lrs = []
+    rows = train_steps(trainer, graph, optimizer, batches, lrs=lrs)
+    assert len(outs) == len(rows) == 2 and lrs == [optimizer.param_groups[0]["lr"]] * 2
+    for row, out, (_, y, _) in zip(rows, outs, batches):
+        expected = [out["loss"].item(), *(out["parts"][t].item() for t in graph.loss.terms)]
+        expected += [(out[k].argmax(1) == y).float().mean().item() for k in ("clean_logits", "adv_logits")]
+        assert row.tolist() == pytest.approx(expected, rel=0, abs=0)

@@ -16,10 +16,11 @@ import torch
 from components.data.device_loader import DeviceLoader
 from components.data.sources import DATASET_INFO, check_available, load_arrays, resolve_data_dir
 
-__all__ = ["DataModule"]
+__all__ = ["DataModule", "to_device_nchw"]
 
 
-def _to_device(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def to_device_nchw(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC images and their labels as an NCHW image tensor and an int64 label tensor on ``device``."""
     # NHWC -> NCHW once, here, so that no batch ever pays for the transpose.
     images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
     return images.to(device), torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
@@ -163,11 +164,11 @@ class DataModule:
         self.val_indices = np.sort(perm[available:])
         self.train_indices = np.sort(rest if self.train_size is None else rest[: self.train_size])
 
-        self._train = _to_device(x_train[self.train_indices], y_train[self.train_indices], self.device)
+        self._train = to_device_nchw(x_train[self.train_indices], y_train[self.train_indices], self.device)
         if self.val_size > 0:
-            self._val = _to_device(x_train[self.val_indices], y_train[self.val_indices], self.device)
+            self._val = to_device_nchw(x_train[self.val_indices], y_train[self.val_indices], self.device)
         n_test = len(x_test) if self.test_size is None else self.test_size
-        self._test = _to_device(x_test[:n_test], y_test[:n_test], self.device)
+        self._test = to_device_nchw(x_test[:n_test], y_test[:n_test], self.device)
         self._ready = True
 
     def _set_metadata(
