@@ -86,11 +86,15 @@ class TrainingGraph(nn.Module):
                 views[name] = model(inputs[view.input])
         total, parts = self.loss(views, y)
         out: dict[str, Tensor | dict[str, Tensor]] = {"loss": total, "parts": parts}
+        missing = {}
         for key, inp in (("clean_logits", "x"), ("adv_logits", "x_adv")):
             name = f"{self.eval_model}({inp})"
             if name in views:
                 out[key] = views[name].detach()
             else:
-                with model_mode(self.target, train=False), torch.no_grad():
+                missing[key] = inp
+        if missing:
+            with model_mode(self.target, train=False), torch.no_grad():
+                for key, inp in missing.items():
                     out[key] = self.target(inputs[inp])
         return out

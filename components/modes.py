@@ -19,19 +19,23 @@ __all__ = ["model_mode"]
 
 @contextlib.contextmanager
 def model_mode(
-    models: nn.Module | Iterable[nn.Module], *, train: bool, freeze: bool = False
+    models: nn.Module | Iterable[nn.Module], *, train: bool | None, freeze: bool = False
 ) -> Iterator[None]:
     """Put ``models`` in train (``train=True``) or eval mode, optionally freezing their parameters.
+
+    ``train=None`` leaves the modes as they are (only ``freeze`` applies), for a frozen stretch inside a
+    block that has already set them.
 
     On exit, each submodule gets back its own ``training`` flag (a model may hold parts in their own
     mode, such as a BatchNorm kept in eval) and exactly the parameters frozen here require grad again;
     parameters that were already frozen stay frozen. Shared modules and parameters are handled once.
     """
     group = [models] if isinstance(models, nn.Module) else list(models)
-    modes = {id(m): (m, m.training) for model in group for m in model.modules()}
+    modes = {} if train is None else {id(m): (m, m.training) for model in group for m in model.modules()}
     params = {id(p): p for model in group for p in model.parameters() if p.requires_grad} if freeze else {}
-    for model in group:
-        model.train(train)
+    if train is not None:
+        for model in group:
+            model.train(train)
     for p in params.values():
         p.requires_grad_(False)
     try:

@@ -1,8 +1,8 @@
 """The epoch loop: train a ``TrainingGraph`` on a ``DataModule``, validate, checkpoint every epoch.
 
 Plain PyTorch, no tracking: the caller gets per-epoch metrics through ``on_epoch_end`` and decides where
-they go. Nothing in the step waits on the device: per-step statistics are summed into device tensors and
-read once per epoch.
+they go. The step itself never waits on the device: per-step statistics are summed into device tensors
+and read once per epoch; the divergence guard reads its small record every ``check_every`` steps.
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ class Trainer:
         if distributed:
             sums = dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([seen])]))
             sums, seen = sums[:-1], int(sums[-1].item())
-        values = (sums / max(seen, 1)).tolist()  # the epoch's one host sync
+        values = (sums / max(seen, 1)).tolist()  # one read of the epoch's statistics
         train_time = time.perf_counter() - t0
         metrics = {"train/loss": values[0]}
         metrics.update({f"train/loss/{n}": v for n, v in zip(term_names, values[1:])})

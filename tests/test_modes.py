@@ -40,3 +40,13 @@ def test_frozen_parameters_get_no_weight_gradient() -> None:
         net(x).sum().backward()
     assert net.weight.grad is None and x.grad is not None
     assert net.weight.requires_grad
+
+
+def test_train_none_freezes_without_touching_any_mode():
+    net = _net().train()
+    net[1].eval()
+    with model_mode(net, train=None, freeze=True):
+        assert net.training and net[0].training and not net[1].training
+        assert not any(p.requires_grad for p in net.parameters())
+    assert net.training and not net[1].training
+    assert all(p.requires_grad for p in net.parameters())

@@ -106,7 +106,7 @@ class PGDGenerator:
                 x_adv = self._ascend(x_init, grad, x)
                 first = 1
             # Frozen parameters: the steps neither build nor store anything for weight gradients.
-            with model_mode(used, train=train, freeze=True):
+            with model_mode(used, train=None, freeze=True):
                 for _ in range(first, self.steps):
                     x_adv.requires_grad_(True)
                     loss, _ = self.objective(models, x_adv, y, ctx)

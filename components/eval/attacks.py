@@ -85,7 +85,8 @@ def robust_accuracy(
     """Clean and PGD-``attack_steps`` accuracy of ``model`` (put in eval mode here) over a loader."""
     correct = torch.zeros(2, dtype=torch.long)
     count = 0
-    with model_mode(model, train=False):
+    # Frozen parameters: the attack needs input gradients only (the model is unchanged afterwards).
+    with model_mode(model, train=False, freeze=True):
         for x, y, _ in batches:
             correct = correct.to(x.device)
             with torch.no_grad():
