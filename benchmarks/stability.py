@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from benchmarks.reference_d2r import D2R_WEIGHTS, d2r_step
-from pipeline.config import defined_macros, load_config
+from components.training import step_losses
+from pipeline.config import load_config
 
 DEFAULT_METHODS = (
     "d2r_cag_cifar10",
@@ -120,12 +121,8 @@ def build(method: str, profile: list[str], overrides: list[str]):  # noqa: ANN20
     """Build the experiment of ``method`` with the profile files appended and the size overrides."""
     from components.experiment import experiment
 
-    spec = ",".join([method, *profile])
-    load_config(spec)  # first without overrides: which of the size macros does this config define?
-    usable = [b for b in overrides if b.split("=", 1)[0].strip() in defined_macros()]
-    load_config(spec, usable)
-    with gin.unlock_config():
-        return experiment()
+    load_config(",".join([method, *profile]), overrides, skip_undefined_macros=True)
+    return experiment()
 
 
 def run_robustflow(exp, batches: list[tuple], lrs: list[float], device: torch.device) -> Trajectory:  # noqa: ANN001
@@ -143,9 +140,10 @@ def run_robustflow(exp, batches: list[tuple], lrs: list[float], device: torch.de
         for group in optimizer.param_groups:
             group["lr"] = lr
         out = trainer.train_step(graph, optimizer, x, y, device)
-        traj.losses.append(out["loss"].detach().item())
-        for n in names:
-            traj.terms[n].append(out["parts"][n].detach().item())
+        loss, *parts = step_losses(out, names).tolist()  # one read per step
+        traj.losses.append(loss)
+        for n, v in zip(names, parts):
+            traj.terms[n].append(v)
         if not math.isfinite(traj.losses[-1]):
             break  # everything after a NaN is NaN
     traj.seconds = time.perf_counter() - t0
@@ -166,9 +164,10 @@ def run_authors(models: dict, batches: list[tuple], lrs: list[float], attack_ste
         for group in optimizer.param_groups:
             group["lr"] = lr
         out = d2r_step(target, guide, optimizer, x, y, perturb_steps=attack_steps)
-        traj.losses.append(out["loss"].detach().item())
-        for n in names:
-            traj.terms[n].append(out[n].detach().item())
+        loss, *parts = torch.stack([out[n].detach().float() for n in ("loss", *names)]).tolist()
+        traj.losses.append(loss)
+        for n, v in zip(names, parts):
+            traj.terms[n].append(v)
         if not math.isfinite(traj.losses[-1]):
             break
     traj.seconds = time.perf_counter() - t0
@@ -268,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.append(f"ATTACK_STEPS = {args.attack_steps}")
             for plan in plans:
                 exp = build(method, profile, overrides)
-                initial = {n: copy.deepcopy(m) for n, m in exp.graph.models.items()}
+                reference = args.reference and method == "d2r_cag_cifar10"
+                # The authors' loop starts from the same initial weights: copied only when it runs.
+                initial = {n: copy.deepcopy(m) for n, m in exp.graph.models.items()} if reference else {}
                 steps = exp.graph.generator.steps
                 torch.manual_seed(args.seed)
                 runs = [run_robustflow(exp, batches, plan, device)]
-                if args.reference and method == "d2r_cag_cifar10":
+                if reference:
                     torch.manual_seed(args.seed)
                     runs.append(
                         run_authors({n: m.to(device) for n, m in initial.items()}, batches, plan, steps)
@@ -321,8 +322,7 @@ def _weights(method: str) -> dict[str, float]:
     from components.experiment import experiment
 
     load_config(f"{method},smoke")
-    with gin.unlock_config():
-        return {n: w for n, (w, _) in experiment().graph.loss.terms.items()}
+    return {n: w for n, (w, _) in experiment().graph.loss.terms.items()}
 
 
 def table(results: list[Trajectory], args: argparse.Namespace) -> str:

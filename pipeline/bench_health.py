@@ -72,9 +72,8 @@ def lr_scheduler_for(
         return None, f"fixed {float(lr):g}"
     trainer = exp.trainer
     spe = epoch_steps(exp.data, total_steps)
-    ramp = float(getattr(trainer, "lr_ramp_epochs", 0.0) or 0.0)
-    extra = {"ramp_epochs": ramp} if ramp else {}
-    scheduler = make_lr_scheduler(optimizer, trainer.schedule, spe, trainer.epochs, **extra)
+    ramp = trainer.lr_ramp_epochs
+    scheduler = make_lr_scheduler(optimizer, trainer.schedule, spe, trainer.epochs, ramp)
     what = f"{type(trainer.schedule).__name__} ({trainer.epochs} epochs of {spe} steps)"
     return scheduler, what + (f", lr ramp {ramp:g} epochs" if ramp else "")
 

@@ -15,7 +15,7 @@ import logging
 import operator
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class LoadedConfig:
     files: list[Path]
     overrides: list[str]
     experiment: str
+    skipped: list[str] = field(default_factory=list)
 
 
 def available_configs() -> list[str]:
@@ -187,10 +188,16 @@ def _used_macros(value: Any) -> set[str]:
     return set()
 
 
+def macro_target(binding: str) -> str | None:
+    """The macro a binding sets (``'ALPHA = 10'`` -> ``'ALPHA'``), or None for a configurable parameter."""
+    name = binding.split("=", 1)[0].strip()
+    return None if "." in name or "/" in name else name
+
+
 def _check_override_targets(bindings: list[str], defined: set[str]) -> None:
     for binding in bindings:
-        name = binding.split("=", 1)[0].strip()
-        if "." in name or "/" in name:
+        name = macro_target(binding)
+        if name is None:
             continue  # configurable parameters: gin checks these itself
         if name not in defined:
             close = difflib.get_close_matches(name, sorted(defined), n=3)
@@ -231,8 +238,15 @@ def _quiet_include_search() -> Iterator[None]:
         root.removeFilter(noise)
 
 
-def load_config(spec: str, overrides: str | list[str] | None = None) -> LoadedConfig:
-    """Clear gin, register every component, apply the files then the overrides, and check them."""
+def load_config(
+    spec: str, overrides: str | list[str] | None = None, *, skip_undefined_macros: bool = False
+) -> LoadedConfig:
+    """Clear gin, register every component, apply the files then the overrides, and check them.
+
+    An override of a macro that no applied file defines is an error, unless ``skip_undefined_macros``:
+    then it is left out and listed in ``LoadedConfig.skipped`` (commands that apply one set of bindings to
+    several methods, e.g. a guide backbone that a single-model method does not have).
+    """
     import components  # noqa: F401  (registers every configurable with gin)
     import pipeline.tuning.space  # noqa: F401  (registers SearchSpace, which gin/search/*.gin bind)
 
@@ -240,20 +254,25 @@ def load_config(spec: str, overrides: str | list[str] | None = None) -> LoadedCo
     _check_order([s.strip() for s in str(spec).split(",") if s.strip()], files)
     bindings = parse_overrides(overrides)
     _check_no_arithmetic(bindings)
+    skipped: list[str] = []
     gin.clear_config()
     if str(GIN_DIR) not in gin.config._LOCATION_PREFIXES:
         gin.add_config_file_search_path(str(GIN_DIR))
     with _quiet_include_search():
         try:
             gin.parse_config_files_and_bindings([str(f) for f in files], None, finalize_config=False)
-            _check_override_targets(bindings, defined_macros())
+            defined = defined_macros()
+            if skip_undefined_macros:
+                skipped = [b for b in bindings if macro_target(b) not in (None, *defined)]
+                bindings = [b for b in bindings if b not in skipped]
+            _check_override_targets(bindings, defined)
             gin.parse_config_files_and_bindings(None, bindings, finalize_config=False)
         except ConfigError:
             raise
         except (ValueError, SyntaxError, TypeError, KeyError, OSError) as err:
             raise ConfigError(f"{type(err).__name__}: {err}") from err
     _check_macros_defined()
-    return LoadedConfig(files=files, overrides=bindings, experiment=files[0].stem)
+    return LoadedConfig(files=files, overrides=bindings, experiment=files[0].stem, skipped=skipped)
 
 
 def macro(name: str, default: Any = None) -> Any:

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from pipeline.bench.methods import method_spec
+from pipeline.bench.run import DEFAULT_METHODS, describe_machine
 from pipeline.config import (
     ConfigError,
     load_config,
@@ -43,7 +45,6 @@ from pipeline.config import (
     resolve_gin_files,
 )
 
-DEFAULT_METHODS = ("d2r_cag_cifar10", "lbgat_cifar10", "trades_cifar10", "pgd_at_cifar10", "regmix_cifar10")
 STATUS_OK = "ok"
 
 
@@ -96,15 +97,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def method_spec(name: str, args: argparse.Namespace) -> str:
-    """The gin spec of one method: its config, then every ``--profile`` file."""
-    return ",".join([name, *args.profile])
-
-
 def method_bindings(name: str, args: argparse.Namespace, device: torch.device) -> tuple[list[str], list[str]]:
     """The command's gin bindings for ``name`` and the macro bindings left out because its configs do not
     define the macro (a guide for a single-model method, attack steps for a fixed-step attack)."""
-    load_config(method_spec(name, args))  # to learn which macros these configs define
     wanted = [
         f"TARGET_BACKBONE = '{args.target}'",
         f"GUIDE_BACKBONE = '{args.guide}'",
@@ -121,13 +116,8 @@ def method_bindings(name: str, args: argparse.Namespace, device: torch.device) -
     if args.data_dir is not None:
         wanted.append(f"DATA_DIR = {args.data_dir!r}")
     wanted += parse_overrides(args.overrides)
-    missing = object()
-    kept, skipped = [], []
-    for binding in wanted:
-        lhs = binding.split("=", 1)[0].strip()
-        is_macro = "." not in lhs and "/" not in lhs
-        (skipped if is_macro and macro(lhs, missing) is missing else kept).append(binding)
-    return kept, skipped
+    loaded = load_config(method_spec(name, args), wanted, skip_undefined_macros=True)
+    return loaded.overrides, loaded.skipped
 
 
 def check_inputs(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, list[str]], int]:
@@ -302,8 +292,6 @@ def run_learn(
 ) -> dict[str, Any]:
     """Check the inputs, then train every method in turn; the learn.json document."""
     import datetime
-    import os
-    import platform
 
     device = resolve_device(args.device)
     bindings, classes = check_inputs(args, device)
@@ -314,11 +302,7 @@ def run_learn(
             records.append(learn_method(name, device, Path(workdir), log))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    machine = (
-        f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
-    )
+    machine = describe_machine(device)
     chance = 1 / classes
     meta = {
         "date": datetime.date.today().isoformat(),

@@ -297,7 +297,7 @@ def train_experiment(
             print(
                 f"robustflow: registered {model_name} version {registered.version} ({state})", file=sys.stderr
             )
-    if not nested:  # logged to the run; a FINISHED run is never resumed (a tuner's trials keep theirs)
+    if not nested:  # logged to the run; a FINISHED run is never resumed (the tuner removes its trials')
         remove_logged_checkpoints(run_id, ckpt_dir)
     return {"run_id": run_id, "best_score": best_score, "test": test, "registered": registered}
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import load_config, macro
+from pipeline.config import load_config, parse_overrides
 
 _GIN_SWITCH = {"auto": "'auto'", "on": "True", "off": "False"}
 
@@ -54,19 +54,14 @@ def method_overrides(
     GUIDE_BACKBONE): the second list holds the ones left out. ``fast_path`` False forces fp32/contiguous,
     True/None uses the command line's --amp and --channels-last.
     """
-    load_config(method_spec(name, args))  # to learn which macros these configs define
-    missing = object()
     wanted = [
         f"TARGET_BACKBONE = '{args.target}'",
         f"GUIDE_BACKBONE = '{args.guide}'",
         f"BATCH_SIZE = {args.batch_size}",
+        *parse_overrides(args.overrides),
     ]
-    wanted += [b.strip() for b in args.overrides.replace("\n", ";").split(";") if b.strip()]
-    kept, skipped = [], []
-    for binding in wanted:
-        lhs = binding.split("=", 1)[0].strip()
-        is_macro = "." not in lhs and "/" not in lhs
-        (skipped if is_macro and macro(lhs, missing) is missing else kept).append(binding)
+    loaded = load_config(method_spec(name, args), wanted, skip_undefined_macros=True)
+    kept, skipped = loaded.overrides, loaded.skipped
     amp, channels_last = ("off", "off") if fast_path is False else (args.amp, args.channels_last)
     kept += [
         f"Trainer.amp = {_GIN_SWITCH[amp]}",

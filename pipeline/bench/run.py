@@ -96,7 +96,8 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def _machine(device: torch.device) -> str:
+def describe_machine(device: torch.device) -> str:
+    """The GPU and CUDA version, or the CPU and its core count: the 'machine' line of a report."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
@@ -154,7 +155,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     first = methods[0] if methods else {}
     meta = {
         "date": datetime.date.today().isoformat(),
-        "machine": _machine(device),
+        "machine": describe_machine(device),
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

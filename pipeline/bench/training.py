@@ -141,11 +141,11 @@ def bench_training(
     free_memory(device)
     graphs_before = _compiled_graphs()
     t0 = time.perf_counter()
-    warm_rows = []
+    warmed = None
     if warmup:
         warm = (next(batches) for _ in range(warmup))
-        warm_rows = train_steps(trainer, graph, optimizer, warm, None, scheduler, lrs)
-        torch.stack(warm_rows).tolist()  # wait for the warm-up steps (a read, as the Trainer's epoch end)
+        # Reading the rows waits for the warm-up steps (a read, as the Trainer's epoch end).
+        warmed = torch.stack(train_steps(trainer, graph, optimizer, warm, None, scheduler, lrs)).cpu()
     sync_device(device)
     t1 = time.perf_counter()
     graphs_warm = _compiled_graphs()
@@ -175,7 +175,7 @@ def bench_training(
         "lr_schedule": schedule,
         "lr_each": lrs,
         "lr_span": lr_span(lrs),
-        **_loss_report(warm_rows, timed, ["loss", *graph.loss.terms]),
+        **_loss_report(warmed, timed, ["loss", *graph.loss.terms]),
     }
 
 
@@ -186,10 +186,10 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _loss_report(warm_rows: list[Tensor], timed: Tensor, names: list[str]) -> dict[str, Any]:
+def _loss_report(warmed: Tensor | None, timed: Tensor, names: list[str]) -> dict[str, Any]:
     """``losses`` (means over the timed steps; None for a term that went non-finite) and the status of
     every step run, warm-up included (step 1 = the first warm-up step)."""
-    every = torch.cat([torch.stack(warm_rows).cpu(), timed]) if warm_rows else timed
+    every = torch.cat([warmed, timed]) if warmed is not None else timed
     status = loss_status(every, names)
     return {
         "losses": finite_mean(timed, names),
