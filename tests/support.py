@@ -1,4 +1,5 @@
-"""Helpers shared by the attack and evaluation tests: tiny models, seeded batches, an easy synthetic task."""
+"""Helpers shared by the tests: tiny models, seeded batches, an easy synthetic task, and the tiny real run
+that the entry-point tests train."""
 
 import torch
 import torch.nn.functional as F
@@ -6,6 +7,20 @@ from torch import nn
 
 SHAPE = (3, 8, 8)
 DIM = 3 * 8 * 8
+
+
+# The smoke profile shrunk further, still a real run on the offline shards: 256 training images in batches
+# of 64 (4 steps an epoch), 64 validation and 64 test images. Entry-point tests prepend ``EPOCHS = n``.
+SMOKE = "d2r_cag_cifar10,smoke"
+TINY = (
+    "DataModule.train_size = 256; DataModule.val_size = 64; DataModule.test_size = 64; BATCH_SIZE = 64; "
+    "Trainer.progress = False"
+)
+
+
+def cpu_args(overrides: str, gin: str = SMOKE) -> list[str]:
+    """The train and tune entry points' arguments for a CPU run of ``gin`` with ``overrides``."""
+    return ["--gin", gin, "--overrides", overrides, "--device", "cpu"]
 
 
 def synthetic(n: int, seed: int):

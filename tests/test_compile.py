@@ -106,6 +106,7 @@ def test_val_drop_last_serves_full_batches_only(shared_data):
 
 def test_cudnn_benchmark_is_an_experiment_switch_off_by_default():
     load_config("pgd_at_cifar10", ["TARGET_BACKBONE = 'small_cnn'"])
+    torch.backends.cudnn.benchmark = True  # left on by something else in the process: the build turns it off
     experiment()
     assert torch.backends.cudnn.benchmark is False
     load_config("pgd_at_cifar10", ["TARGET_BACKBONE = 'small_cnn'", "experiment.cudnn_benchmark = True"])

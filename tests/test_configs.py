@@ -27,6 +27,7 @@ def test_the_listed_experiments_exist():
         "regmix_cifar10",
         "regmix_cifar100",
         "pgd2_mse_cifar10",
+        "mart_cifar10",
     }
 
 

@@ -9,6 +9,7 @@ class 0), and every signed-gradient step moves every pixel by exactly the step s
 from __future__ import annotations
 
 import pytest
+import support
 import torch
 from support import DIM, SHAPE, conv_bn_net, synthetic, train_mlp
 from torch import nn
@@ -39,13 +40,8 @@ def weights(seed: int = 0) -> torch.Tensor:
 
 
 def binary_linear(w: torch.Tensor, b: float) -> nn.Module:
-    """Logits ``[0, w.x + b]``: class 1 wins iff the margin ``w.x + b`` is positive."""
-    net = nn.Sequential(nn.Flatten(), nn.Linear(DIM, 2))
-    with torch.no_grad():
-        net[1].weight.zero_()
-        net[1].weight[1] = w
-        net[1].bias.copy_(torch.tensor([0.0, b]))
-    return net.eval()
+    """support's ``[0, w.x + b]`` model, in eval mode as evaluation expects."""
+    return support.binary_linear(w, b).eval()
 
 
 def margin(w: torch.Tensor, b: float, x: torch.Tensor) -> torch.Tensor:

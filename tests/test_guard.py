@@ -12,8 +12,10 @@ import gin
 import mlflow
 import optuna
 import pytest
+import support
 import torch
 from optuna.trial import TrialState
+from support import cpu_args
 
 from benchmarks.stability import DEFAULT_METHODS
 from components.checkpoint import load_checkpoint
@@ -44,11 +46,8 @@ class NaNFromStep(Term):
         return zero + math.nan
 
 
-# smoke + tiny sizes: 256 training images in batches of 64, i.e. 4 steps per epoch.
-TINY = (
-    "DataModule.train_size = 256; DataModule.val_size = 64; DataModule.test_size = 64; BATCH_SIZE = 64; "
-    "Trainer.progress = False; ATTACK_STEPS = 1"
-)
+# The tests' tiny real run (4 steps per epoch) with a 1-step attack.
+TINY = f"{support.TINY}; ATTACK_STEPS = 1"
 
 
 def rigged(step: int, once: bool = False) -> str:
@@ -128,14 +127,13 @@ def test_bad_guard_and_stabilizer_settings_fail_at_construction(kwargs):
 def test_a_diverged_run_ends_failed_unregistered_and_keeps_its_last_good_epoch(
     shared_data, mlflow_store, capsys
 ):
-    base = ["--gin", "d2r_cag_cifar10,smoke", "--device", "cpu"]
-    assert main([*base, "--overrides", f"EPOCHS = 2; {TINY}"]) == 0  # a good run: version 1, champion
+    assert main(cpu_args(f"EPOCHS = 2; {TINY}")) == 0  # a good run: version 1, champion
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("d2r_cag_cifar10", CHAMPION).version) == "1"
     capsys.readouterr()
 
     # NaN at global step 7 = epoch 2, step 3 of 4; read at the end of epoch 2 (check_every 10 > 4 steps).
-    code = main([*base, "--overrides", f"EPOCHS = 3; {TINY}; {rigged(7)}"])
+    code = main(cpu_args(f"EPOCHS = 3; {TINY}; {rigged(7)}"))
     assert code == EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "training diverged in epoch 2 at step 7 (step 3 of 4 in the epoch): loss term 'rigged'" in err
@@ -170,15 +168,10 @@ def test_detection_within_check_every_steps(shared_data, mlflow_store, capsys):
     # 2,048 images in batches of 64: 32 steps per epoch. NaN at step 3, read at step 5 (check_every 5),
     # long before the epoch ends: the error comes at step 5 and names step 3.
     code = main(
-        [
-            "--gin",
-            "d2r_cag_cifar10,smoke",
-            "--device",
-            "cpu",
-            "--overrides",
+        cpu_args(
             "EPOCHS = 1; BATCH_SIZE = 64; DataModule.train_size = 2048; DataModule.val_size = 64; "
-            f"Trainer.progress = False; ATTACK_STEPS = 1; Trainer.check_every = 5; {rigged(3)}",
-        ]
+            f"Trainer.progress = False; ATTACK_STEPS = 1; Trainer.check_every = 5; {rigged(3)}"
+        )
     )
     assert code == EXIT_DIVERGED
     assert "epoch 1 at step 3 (step 3 of 32 in the epoch)" in capsys.readouterr().err
@@ -187,22 +180,7 @@ def test_detection_within_check_every_steps(shared_data, mlflow_store, capsys):
 def test_a_diverged_optuna_trial_fails_and_the_study_goes_on(shared_data, mlflow_store, tmp_path):
     NaNFromStep.fired = False
     overrides = f"EPOCHS = 1; {TINY}; {rigged(2, once=True)}"
-    code = tune_main(
-        [
-            "--gin",
-            "d2r_cag_cifar10,smoke",
-            "--overrides",
-            overrides,
-            "--device",
-            "cpu",
-            "--seed",
-            "0",
-            "--n-trials",
-            "2",
-            "--pruner",
-            "none",
-        ]
-    )
+    code = tune_main([*cpu_args(overrides), "--seed", "0", "--n-trials", "2", "--pruner", "none"])
     assert code == 0
     study = optuna.load_study(
         study_name="d2r_cag_cifar10-smoke-robust", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -248,4 +226,6 @@ def test_every_cifar10_method_under_smoke_ends_finite_and_above_chance(shared_da
             assert all(math.isfinite(v) for v in losses), (name, epoch)
         # Chance is 0.10; the clean bar is chance + 2 standard errors on 256 images.
         assert summary["clean_above_chance"], (name, summary["last_val_clean"])
+        # Bare chance only: at this size LBGAT, PGD-AT and D2R-CAG end at 0.11-0.13, inside the noise band
+        # (docs/stability.md). It rules out an attack or a loss that drives robust accuracy to ~0.
         assert summary["best_val_pgd"] > 0.10, (name, summary["best_val_pgd"])

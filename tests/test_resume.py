@@ -9,15 +9,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from support import TINY
 
 from pipeline.train import EXIT_USAGE, build, main, train_experiment
 
 REPO = Path(__file__).resolve().parents[1]
-# The tiny real run of test_train_entry: 256 training images (4 steps an epoch), 64 validation and test.
-TINY = (
-    "DataModule.train_size = 256; DataModule.val_size = 64; DataModule.test_size = 64; BATCH_SIZE = 64; "
-    "Trainer.progress = False"
-)
 GIN = "d2r_cag_cifar10,smoke"
 OVERRIDES = f"EPOCHS = 2; {TINY}"
 

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import support
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = (
-    "EPOCHS = 3; DataModule.train_size = 256; DataModule.val_size = 64; DataModule.test_size = 64; "
-    "BATCH_SIZE = 64; Trainer.progress = False"
-)
+TINY = f"EPOCHS = 3; {support.TINY}"
 
 
 def _children(pid: int) -> list[int]:

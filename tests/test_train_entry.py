@@ -9,16 +9,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from support import TINY, cpu_args
 
 from components.checkpoint import load_checkpoint
 from pipeline.train import EXIT_TERMINATED, EXIT_USAGE, main
 
 REPO = Path(__file__).resolve().parents[1]
-# A tiny, still real run: 256 training images, 2 epochs, 3-step CAG, PGD-20 validation on 64 images.
-TINY = (
-    "DataModule.train_size = 256; DataModule.val_size = 64; DataModule.test_size = 64; BATCH_SIZE = 64; "
-    "Trainer.progress = False"
-)
 EPOCH_METRICS = {
     "train/loss",
     "train/loss/ce_guide",
@@ -129,17 +125,7 @@ def test_sigterm_stops_cleanly_and_mlflow_run_id_resumes(shared_data, tmp_path):
     """Kill a run with SIGTERM mid-epoch; `mlflow run ... --run-id` continues it to the end."""
     overrides = f"EPOCHS = 3; {TINY}"
     env = _env(tmp_path, shared_data)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.train",
-        "--gin",
-        "d2r_cag_cifar10,smoke",
-        "--overrides",
-        overrides,
-        "--device",
-        "cpu",
-    ]
+    cmd = [sys.executable, "-m", "pipeline.train", *cpu_args(overrides)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stderr:
