@@ -203,15 +203,30 @@ class MisclassificationAwareKL(Term):
     gradients reach both views, including through the weight. The views are registered target first:
     the clean forward comes before the adversarial one, as in the code, so BatchNorm statistics see the
     same order of batches.
+
+    ``log_target`` (a stabilizer, off in the faithful config): take the target's log-probabilities from
+    ``log_softmax`` instead of letting ``kl_div`` take ``log`` of its softmax. The value is the same up to
+    rounding, but the code's form has a NaN gradient wherever a clean probability underflows to exactly 0
+    (``d(p log p)/dp = log p + 1``), which a confident network reaches within a few dozen steps at lr 0.02
+    (docs/stability.md).
     """
 
-    def __init__(self, input: str = gin.REQUIRED, target: str = gin.REQUIRED) -> None:
+    def __init__(
+        self, input: str = gin.REQUIRED, target: str = gin.REQUIRED, log_target: bool = False
+    ) -> None:
         self.target, self.input = self._register(target, input)
+        self.log_target = log_target
 
     def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
         p_input = F.softmax(_full(views[self.input]), dim=1)
-        p_target = F.softmax(_full(views[self.target]), dim=1)
-        per_example = F.kl_div(torch.log(p_input + 1e-12), p_target, reduction="none").sum(dim=1)
+        log_input = torch.log(p_input + 1e-12)
+        if self.log_target:
+            log_p_target = F.log_softmax(_full(views[self.target]), dim=1)
+            p_target = log_p_target.exp()
+            per_example = F.kl_div(log_input, log_p_target, reduction="none", log_target=True).sum(dim=1)
+        else:
+            p_target = F.softmax(_full(views[self.target]), dim=1)
+            per_example = F.kl_div(log_input, p_target, reduction="none").sum(dim=1)
         p_true = p_target.gather(1, y[:, None]).squeeze(1)
         return (1.0 / y.shape[0]) * torch.sum(per_example * (1.0000001 - p_true))
 

@@ -124,3 +124,40 @@ def test_docs_architecture_shows_the_files_as_they_are():
     loss_block = next(b for b in blocks if "WeightedLoss.terms" in b)
     assert " ".join(_bindings(loss_block)) in method, "docs/architecture.md: methods/mart.gin's terms changed"
     assert "# Requires: BETA" in (root / "gin" / "methods" / "mart.gin").read_text()
+
+
+def _kl_grads(
+    log_target: bool, z_clean: list[list[float]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    zn = torch.tensor(z_clean, requires_grad=True)
+    za = torch.tensor([[1.0, 0.0, 0.0], [2.0, 1.0, 0.0]], requires_grad=True)
+    term = MisclassificationAwareKL(input="target(x_adv)", target="target(x)", log_target=log_target)
+    value = term({"target(x_adv)": za, "target(x)": zn}, torch.tensor([0, 1]))
+    value.backward()
+    return value, zn.grad, za.grad
+
+
+def test_the_codes_kl_has_a_nan_gradient_where_a_clean_probability_underflows_and_log_target_does_not():
+    # Example 0's clean logits are confident enough that softmax gives exact zeros in float32.
+    confident = [[120.0, 0.0, -5.0], [0.5, 1.0, 0.0]]
+    value, g_clean, _ = _kl_grads(False, confident)
+    assert math.isfinite(value.item()) and torch.isnan(g_clean[0]).all()  # the faithful form, as mart.py
+    value_lt, g_clean_lt, _ = _kl_grads(True, confident)
+    assert torch.isfinite(g_clean_lt).all()
+    torch.testing.assert_close(value_lt, value)
+    # Away from underflow the switch changes nothing but rounding: same value and gradients.
+    ordinary = [[3.0, 0.0, -1.0], [0.5, 1.0, 0.0]]
+    for a, b in zip(_kl_grads(False, ordinary), _kl_grads(True, ordinary)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_stable_switches_marts_kl_to_log_target_and_the_faithful_config_does_not():
+    load_config("mart_cifar10", ["TARGET_BACKBONE = 'small_cnn'"])
+    (faithful,) = [
+        t for _, t in experiment().graph.loss.terms.values() if isinstance(t, MisclassificationAwareKL)
+    ]
+    load_config("mart_cifar10,stable", ["TARGET_BACKBONE = 'small_cnn'"])
+    (stable,) = [
+        t for _, t in experiment().graph.loss.terms.values() if isinstance(t, MisclassificationAwareKL)
+    ]
+    assert faithful.log_target is False and stable.log_target is True
