@@ -64,6 +64,20 @@ class TrainingGraph(nn.Module):
                     f"(available: {sorted(available)}; x_init needs PGDGenerator.init_view = True)"
                 )
 
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Tell the parts that follow a schedule over training which epoch starts (1-based, of ``epochs``).
+
+        Called by the trainer before each epoch (also after a resume, so schedules need no saved state).
+        Any part may define ``set_epoch(epoch, epochs)``: the generator, its objective and init, and each
+        loss term (FAT's tau, GAIRAT's burn-in and lambda, AWP's warm-up are epoch schedules in their code).
+        """
+        parts = [self.generator, self.generator.objective, self.generator.init]
+        parts += [term for _, term in self.loss.terms.values()]
+        for part in parts:
+            hook = getattr(part, "set_epoch", None)
+            if callable(hook):
+                hook(epoch, epochs)
+
     @property
     def target(self) -> nn.Module:
         """The model that is evaluated, checkpointed as 'best' and registered."""

@@ -260,6 +260,7 @@ class Trainer:
         guard: DivergenceGuard,
     ) -> dict[str, float]:
         graph.train()
+        graph.set_epoch(epoch, self.epochs)
         term_names = list(graph.loss.terms)
         # [total loss, each term, clean correct, adv correct], summed over examples, on the device.
         sums = torch.zeros(len(term_names) + 3, dtype=torch.float64, device=device)

@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import gin
 import pytest
 import torch
 from torch import nn
@@ -170,3 +171,50 @@ def test_metric_forward_restores_each_submodule_mode():
     graph.step(*batch())
     assert not graph.target[1].training
     assert all(m.training for i, m in enumerate(graph.target) if i != 1)
+
+
+def test_fit_tells_epoch_scheduled_parts_each_epoch_including_after_a_resume(shared_data, tmp_path):
+    """Parts with ``set_epoch`` (FAT's tau, GAIRAT's burn-in, AWP's warm-up) hear every epoch, 1-based,
+    before its first step, and a resumed run tells them the epochs it still trains."""
+    from components.experiment import experiment
+    from pipeline.config import load_config
+
+    overrides = [
+        "TARGET_BACKBONE = 'small_cnn'", "ATTACK_STEPS = 1", "EPOCHS = 3",
+        "BATCH_SIZE = 32", "DataModule.train_size = 64", "DataModule.val_size = 32", "Trainer.val_steps = 1",
+        "Trainer.progress = False",
+    ]  # fmt: skip
+    heard: list[tuple[int, int, int]] = []
+
+    def run(stop_after: int | None, resume: bool) -> None:
+        load_config("pgd_at_cifar10", overrides)
+        exp = experiment()
+        term = next(iter(exp.graph.loss.terms.values()))[1]
+        steps = {"n": 0}
+        original = exp.graph.step
+
+        def counting(x, y):
+            steps["n"] += 1
+            return original(x, y)
+
+        exp.graph.step = counting  # an instance attribute: Trainer.train_step calls graph.step(x, y)
+        type(term).set_epoch = lambda self, e, n: heard.append((e, n, steps["n"]))
+        try:
+            stop = (lambda: len(heard) >= stop_after) if stop_after is not None else None
+            try:
+                exp.trainer.fit(
+                    exp.graph, exp.data, "cpu", tmp_path,
+                    resume_from=tmp_path / "last.pt" if resume else None, should_stop=stop,
+                )  # fmt: skip
+            except Exception as err:  # the interrupted first run
+                assert type(err).__name__ == "TrainingInterruptedError"
+        finally:
+            del type(term).set_epoch
+        gin.clear_config()
+
+    run(stop_after=2, resume=False)  # epochs 1 and 2 start; the stop comes at the first step of epoch 2
+    assert [(e, n) for e, n, _ in heard] == [(1, 3), (2, 3)]
+    assert heard[0][2] == 0 and heard[1][2] == 2  # before the epoch's first step (64 / 32 = 2 steps)
+    heard.clear()
+    run(stop_after=None, resume=True)  # last.pt holds epoch 1: epochs 2 and 3 remain
+    assert [(e, n) for e, n, _ in heard] == [(2, 3), (3, 3)]
