@@ -154,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         if stopped is not None:
             print(f"robustflow: to resume: {resume_command(args, stopped.info.run_id)}", file=sys.stderr)
             keep_current_status(stopped.info.run_id)  # KILLED, which `mlflow run` would overwrite
+        dist.barrier()  # the other ranks wait: torchrun stops the job as soon as one rank exits
         return EXIT_TERMINATED
     except TrainingDivergedError:
+        dist.barrier()  # the run is FAILED and tagged now; the other ranks may exit
         return EXIT_DIVERGED
     return 0
 
@@ -181,8 +183,12 @@ def _follow(exp: Experiment, output_dir: str, stop: Callable[[], bool]) -> int:
             exp.graph, exp.data, exp.data.device, Path(output_dir) / run_id, resume_from, should_stop=stop
         )
     except TrainingInterruptedError:
+        dist.barrier()  # until rank 0 has marked the run KILLED (torchrun ends the job when one rank exits)
         return EXIT_TERMINATED
-    except TrainingDivergedError:
+    except TrainingDivergedError as err:
+        # Rank 0's error may only say "on another rank": this rank's own says where and which term.
+        print(f"robustflow train: error on rank {dist.rank()}: {err}", file=sys.stderr)
+        dist.barrier()  # until rank 0 has marked the run FAILED
         return EXIT_DIVERGED
     return 0
 
