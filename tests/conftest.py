@@ -1,11 +1,17 @@
-"""Shared test fixtures: offline data, an isolated MLflow store per test, quiet telemetry."""
+"""Shared test fixtures: offline data, an isolated MLflow store per test, a model trained once per session,
+quiet telemetry."""
 
 import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import gin
 import pytest
-from support import unavailable
+from support import SMOKE, cpu_args, unavailable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -72,3 +78,74 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The model every test that needs "a trained, registered model" shares: the smoke profile on 128 training
+# images (2 steps an epoch), 2 epochs, trained once per session through the train entry point, with system
+# metrics sampled fast enough to be logged by so short a run.
+TRAINED_OVERRIDES = (
+    "EPOCHS = 2; DataModule.train_size = 128; DataModule.val_size = 64; DataModule.test_size = 64; "
+    "BATCH_SIZE = 64; Trainer.progress = False"
+)
+
+
+@dataclass
+class TrainedStore:
+    """A copy of the session's trained store: ``uri`` (sqlite), ``dir`` (also the working directory),
+    ``run_id`` of the FINISHED training run (version 1 of ``d2r_cag_cifar10``, champion), its ``log``."""
+
+    uri: str
+    dir: Path
+    run_id: str
+    log: str
+
+
+@pytest.fixture(scope="session")
+def _trained_snapshot(tmp_path_factory):
+    if not (SHARED_DATA / "cifar10" / "train-1.npz").is_file():
+        unavailable(f"offline CIFAR-10 shards not found under {SHARED_DATA} (set ROBUSTFLOW_TEST_DATA)")
+    root = tmp_path_factory.mktemp("trained")
+    work = root / "store"
+    work.mkdir()
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
+        ROBUSTFLOW_DATA=str(SHARED_DATA),
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",
+        MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1",
+    )
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(key, None)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", *cpu_args(TRAINED_OVERRIDES, SMOKE)],
+        cwd=work, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_id = re.search(r"robustflow: run (\w+) finished", out.stderr)[1]
+    shutil.copytree(work, root / "pristine")
+    return work, root / "pristine", run_id, out.stderr
+
+
+@pytest.fixture
+def trained_store(_trained_snapshot, shared_data, monkeypatch):
+    """The session's trained model in a fresh copy of its MLflow store, as working directory and tracking URI.
+
+    Training it costs more than most tests; copying it costs milliseconds. The copy sits at the original's
+    path (the store records artifact locations as absolute paths), restored before every test, so a test
+    may change it (evaluate it, resume it, train beside it) without affecting the next one.
+    """
+    import mlflow
+
+    work, pristine, run_id, log = _trained_snapshot
+    shutil.rmtree(work)
+    shutil.copytree(pristine, work)
+    monkeypatch.chdir(work)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield TrainedStore(uri=uri, dir=work, run_id=run_id, log=log)
+    while mlflow.active_run():
+        mlflow.end_run()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)

@@ -71,6 +71,7 @@ def _fit_graph_counts(tmp_path, extra):
     return seen
 
 
+@pytest.mark.slow
 def test_fit_compiles_a_bounded_set_of_graphs_and_nothing_after_the_first_epoch(
     shared_data, tmp_path, eager_compile
 ):

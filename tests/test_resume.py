@@ -72,6 +72,7 @@ def _unreachable(*args, **kwargs):
     raise MlflowException("artifact store unreachable (503)")
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_config_is_refused_listing_the_bindings(
     shared_data, mlflow_store, tmp_path, capsys, monkeypatch
 ):
@@ -110,12 +111,12 @@ def test_resume_with_a_different_config_is_refused_listing_the_bindings(
     assert logged == {"checkpoints/last.pt", "checkpoints/best.pt"}
 
 
-def test_resume_of_a_finished_run_is_refused_and_changes_nothing(shared_data, mlflow_store, tmp_path, capsys):
-    assert main(["--gin", GIN, "--overrides", f"EPOCHS = 1; {TINY}", "--device", "cpu"]) == 0
-    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+@pytest.mark.slow
+def test_resume_of_a_finished_run_is_refused_and_changes_nothing(trained_store, capsys):
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")  # the session's model
     before = _record(run.info.run_id)
     assert len(before[-1]) == 1  # one registered version
-    assert not (tmp_path / "outputs").exists()  # FINISHED: no local checkpoints left behind
+    assert not (trained_store.dir / "outputs").exists()  # FINISHED: no local checkpoints left behind
     capsys.readouterr()
     one_epoch = f"EPOCHS = 1; {TINY}"
     assert main(["--gin", GIN, "--overrides", one_epoch, "--device", "cpu", "--run-id", run.info.run_id]) == 2
@@ -124,7 +125,7 @@ def test_resume_of_a_finished_run_is_refused_and_changes_nothing(shared_data, ml
     assert _record(run.info.run_id) == before, "a refused resume changed the run"
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1
     # The same through `mlflow run --run-id`: its wrapper must not turn the FINISHED run into FAILED either.
-    out = _mlflow_run(run.info.run_id, one_epoch, tmp_path)
+    out = _mlflow_run(run.info.run_id, one_epoch, trained_store.dir)
     assert out.returncode != 0 and "is FINISHED" in out.stderr, out.stderr[-3000:]
     # mlflow run overwrites the status as it exits; robustflow's restorer puts it back right after.
     assert _settled(run.info.run_id, before) == before, "mlflow run changed the finished run"

@@ -18,6 +18,7 @@ import mlflow
 import pytest
 import support
 
+pytestmark = pytest.mark.slow  # three `mlflow run` trainings
 REPO = Path(__file__).resolve().parents[1]
 TINY = f"EPOCHS = 3; {support.TINY}"
 

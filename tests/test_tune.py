@@ -91,6 +91,7 @@ def artifacts(run_id, path=""):
     return out
 
 
+@pytest.mark.slow
 def test_a_study_runs_nested_trials_resumes_and_writes_a_reproducible_best_gin(
     shared_data, mlflow_store, tmp_path
 ):
@@ -154,15 +155,16 @@ def test_a_study_runs_nested_trials_resumes_and_writes_a_reproducible_best_gin(
     assert flat_parameters() == {k: v for k, v in best_run.data.params.items() if not k.startswith("data.")}
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_study_and_stop_at_its_total(shared_data, mlflow_store, tmp_path):
-    """Two processes asked for 2 trials each finish 2 between them: none lost, none run twice.
+    """Two commands started together on a fresh store, asked for 2 trials each, finish 2 between them: none
+    lost, none run twice.
 
+    Neither store exists yet: the sqlite MLflow store and Optuna storage are what the two race to set up.
     The first to finish its trial must wait for the other's rather than start a third (as Optuna's
     MaxTrialsCallback would)."""
-    mlflow.MlflowClient().search_experiments()  # the tracking store exists before the workers start
-    log = tmp_path / "study.log"
     cmd = tune_command(
-        "--n-trials", "2", "--storage", f"journal:{log}", "--study", "shared", "--objective", "pareto",
+        "--n-trials", "2", "--study", "shared", "--objective", "pareto",
         "--pruner", "none", "--heartbeat-interval", "2", "--grace-period", "60",
     )  # fmt: skip
     workers, logs = [], []
@@ -175,7 +177,7 @@ def test_two_workers_share_a_study_and_stop_at_its_total(shared_data, mlflow_sto
         assert worker.wait(timeout=400) == 0, err.read_text()[-3000:]
         assert "Pareto front" in out.read_text()  # each worker ends with the study's summary
 
-    study = optuna.load_study(study_name="shared", storage=journal(log))
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     said = "\n".join(err.read_text()[-4000:] for _, err in logs)
     assert [t.number for t in complete] == [0, 1], said
@@ -209,6 +211,7 @@ def test_a_pruned_trial_shows_as_pruned_in_optuna_and_mlflow(shared_data, mlflow
     assert "no completed trial" in parent.data.tags[f"{NOTE_TAG}.best_params"]
 
 
+@pytest.mark.slow
 def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried(shared_data, mlflow_store, tmp_path):
     log = tmp_path / "study.log"
     liveness = ["--heartbeat-interval", "1", "--grace-period", "3", "--storage", f"journal:{log}"]
