@@ -28,22 +28,33 @@ def shared_data(monkeypatch):
     return SHARED_DATA
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    """A fresh sqlite MLflow store and working directory for one test."""
+def _use_store(folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make ``folder/mlflow.db`` this test's MLflow store and ``folder`` its working directory."""
     import mlflow
 
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(folder)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)
-    yield uri
+    return uri
+
+
+def _leave_store() -> None:
+    import mlflow
+
     while mlflow.active_run():
         mlflow.end_run()
     # mlflow.set_experiment exports the id for child processes; do not let it leak into later tests.
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store and working directory for one test."""
+    yield _use_store(tmp_path, monkeypatch)
+    _leave_store()
 
 
 @pytest.fixture(autouse=True)
@@ -113,6 +124,7 @@ def _trained_snapshot(tmp_path_factory):
         ROBUSTFLOW_DATA=str(SHARED_DATA),
         MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",
         MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     )
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         env.pop(key, None)
@@ -127,25 +139,30 @@ def _trained_snapshot(tmp_path_factory):
 
 
 @pytest.fixture
-def trained_store(_trained_snapshot, shared_data, monkeypatch):
+def trained_store(_trained_snapshot, shared_data, tmp_path, monkeypatch):
     """The session's trained model in a fresh copy of its MLflow store, as working directory and tracking URI.
 
-    Training it costs more than most tests; copying it costs milliseconds. The copy sits at the original's
-    path (the store records artifact locations as absolute paths), restored before every test, so a test
-    may change it (evaluate it, resume it, train beside it) without affecting the next one.
+    Training it costs more than most tests; copying it costs milliseconds. The copy is this test's own (in
+    its tmp_path), so a test may change it (evaluate it, resume it, train beside it) without affecting the
+    next one.
     """
-    import mlflow
-
     work, pristine, run_id, log = _trained_snapshot
-    shutil.rmtree(work)
-    shutil.copytree(pristine, work)
-    monkeypatch.chdir(work)
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
-    yield TrainedStore(uri=uri, dir=work, run_id=run_id, log=log)
-    while mlflow.active_run():
-        mlflow.end_run()
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
+    _move_store(store / "mlflow.db", str(work), str(store))
+    yield TrainedStore(uri=_use_store(store, monkeypatch), dir=store, run_id=run_id, log=log)
+    _leave_store()
+
+
+def _move_store(db: Path, old: str, new: str) -> None:
+    """Point a copied sqlite MLflow store's records at the copy: it stores artifact locations as absolute
+    paths (``file:///.../mlruns/...``). Every text column of every table, so no MLflow schema is assumed."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if any(t in kind.upper() for t in ("CHAR", "TEXT", "CLOB")):
+                    sql = f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE "{column}" LIKE ?'
+                    con.execute(sql, (old, new, f"%{old}%"))

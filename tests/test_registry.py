@@ -153,7 +153,8 @@ def test_trained_model_loads_in_a_fresh_process_from_another_directory(trained_s
         print("LOADED", type(real).__name__)
         """
     )
-    env = dict(os.environ, MLFLOW_TRACKING_URI=trained_store.uri)
+    repo = str(Path(__file__).resolve().parents[1])  # the robustflow code the loader imports
+    env = dict(os.environ, MLFLOW_TRACKING_URI=trained_store.uri, PYTHONPATH=repo)
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True
     )

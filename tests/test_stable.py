@@ -11,6 +11,7 @@ import mlflow
 import pytest
 import torch
 from support import TINY, conv_bn_net, cpu_args
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from components.experiment import experiment
 from components.losses import CrossEntropy, WeightedLoss
@@ -138,7 +139,7 @@ def test_the_stabilizers_act_through_the_train_entry_point(shared_data, mlflow_s
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
-    handle = torch.optim.optimizer.register_optimizer_step_pre_hook(record)
+    handle = register_optimizer_step_pre_hook(record)
     try:
         assert main(cpu_args(overrides)) == 0
     finally:

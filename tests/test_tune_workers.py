@@ -10,6 +10,7 @@ import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_stop_under_mlflow_run import _alive
 from test_tune import tune_command, worker_env
 
 from pipeline.workers import retry_setup, without_workers_flag
@@ -34,14 +35,6 @@ def _study(tmp_path) -> optuna.Study:
 
 def _complete_trials(tmp_path) -> list[int]:
     return sorted(t.number for t in _study(tmp_path).trials if t.state == TrialState.COMPLETE)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 @pytest.mark.slow
