@@ -164,5 +164,6 @@ def _move_store(db: Path, old: str, new: str) -> None:
         for table in tables:
             for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
                 if any(t in kind.upper() for t in ("CHAR", "TEXT", "CLOB")):
-                    sql = f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE "{column}" LIKE ?'
+                    col = f'"{column}"'
+                    sql = f'UPDATE "{table}" SET {col} = replace({col}, ?, ?) WHERE {col} LIKE ?'
                     con.execute(sql, (old, new, f"%{old}%"))
