@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import Any
 
 import mlflow
@@ -40,8 +41,13 @@ def evaluated_model(model_uri: str, train_run_id: str) -> tuple[str | None, Mode
         else:
             found = client.search_model_versions(f"run_id = '{train_run_id}'")
             version = max(found, key=lambda v: int(v.version)) if found else None
-    except MlflowException:
+    except MlflowException as err:
         version = None
+        print(
+            f"robustflow evaluate: warning: could not look up the registered version behind {model_uri} "
+            f"({err.message}): the results go on the logged model only, no eval.* tags on a version",
+            file=sys.stderr,
+        )
     if version is not None and str(version.source).startswith("models:/m-"):
         return version.source.removeprefix("models:/"), version
     run = client.get_run(train_run_id)

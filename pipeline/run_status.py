@@ -15,7 +15,6 @@ dies, which stops training at the next step like any other SIGTERM.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -90,8 +89,17 @@ def stop_with_wrapper() -> None:
     import ctypes
 
     pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    try:
+        failed = ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM)) != 0
+        why = os.strerror(ctypes.get_errno()) if failed else ""
+    except (OSError, AttributeError) as err:
+        failed, why = True, f"{type(err).__name__}: {err}"
+    if failed:
+        print(
+            f"robustflow: warning: cannot have Linux stop this process when `mlflow run` (pid {pid}) dies "
+            f"(prctl PR_SET_PDEATHSIG: {why}); if that process is killed, stop pid {os.getpid()} yourself",
+            file=sys.stderr,
+        )
     if not _alive(pid):  # the wrapper died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -110,7 +118,7 @@ def keep_status(run_id: str, status: str, end_time: int | None = None) -> None:
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        # Its stderr is ours (the terminal or log the user reads): a status it cannot restore is said there.
         start_new_session=True,  # a Ctrl-C to the terminal's process group must not stop it
     )
 
@@ -147,4 +155,13 @@ def _restore(run_id: str, wrapper: int, status: str, end_time: int | None) -> No
 
 if __name__ == "__main__":
     _run_id, _pid, _status, _end = sys.argv[1:5]
-    _restore(_run_id, int(_pid), _status, int(_end) if _end else None)
+    try:
+        _restore(_run_id, int(_pid), _status, int(_end) if _end else None)
+    except Exception as _err:  # whatever it is, the user must hear that the status is wrong
+        print(
+            f"robustflow: warning: could not put run {_run_id}'s status back to {_status} after `mlflow run` "
+            f"overwrote it ({type(_err).__name__}: {_err}); set it in the UI or with "
+            f"MlflowClient().set_terminated('{_run_id}', '{_status}')",
+            file=sys.stderr,
+        )
+        sys.exit(1)

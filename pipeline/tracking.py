@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow
-from mlflow.exceptions import MlflowException
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_ARTIFACT_DIR = "checkpoints"
@@ -54,14 +51,6 @@ STARTED_TAG = "robustflow.experiment"
 FAILURE_TAG = "robustflow.failure"
 
 
-def run_was_started(run_id: str) -> bool:
-    """Whether an earlier process already trained in this run (its tags are set), i.e. this is a resume.
-
-    Parameters alone do not tell: ``mlflow run`` logs the entry point's own parameters before we start.
-    """
-    return STARTED_TAG in mlflow.get_run(run_id).data.tags
-
-
 def log_params(params: Mapping[str, object]) -> None:
     """Log parameters in batches, truncating values MLflow would reject."""
     items = [
@@ -77,30 +66,3 @@ def log_checkpoints(paths: Mapping[str, Path]) -> None:
     for path in paths.values():
         if Path(path).is_file():
             mlflow.log_artifact(str(path), artifact_path=CHECKPOINT_ARTIFACT_DIR)
-
-
-def fetch_resume_checkpoint(run_id: str, local_dir: Path) -> Path | None:
-    """The run's last checkpoint: the local copy if this machine has it, else the run's artifact."""
-    local = local_dir / "last.pt"
-    if local.is_file():
-        return local
-    try:
-        downloaded = mlflow.artifacts.download_artifacts(
-            run_id=run_id,
-            artifact_path=f"{CHECKPOINT_ARTIFACT_DIR}/last.pt",
-            dst_path=str(local_dir / "download"),
-        )
-    except (MlflowException, OSError):
-        return None
-    local_dir.mkdir(parents=True, exist_ok=True)
-    shutil.move(downloaded, local)
-    best = None
-    with contextlib.suppress(MlflowException, OSError):
-        best = mlflow.artifacts.download_artifacts(
-            run_id=run_id,
-            artifact_path=f"{CHECKPOINT_ARTIFACT_DIR}/best.pt",
-            dst_path=str(local_dir / "download"),
-        )
-    if best:
-        shutil.move(best, local_dir / "best.pt")
-    return local

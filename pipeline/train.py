@@ -41,17 +41,15 @@ from pipeline.model_card import model_card
 from pipeline.outputs import default_output_dir, remove_logged_checkpoints
 from pipeline.plots import training_curves
 from pipeline.registry import log_model, register
-from pipeline.resume import ResumeError, check_resume, resume_command, resume_target
+from pipeline.resume import ResumeError, check_resume, resume_checkpoint, resume_command, resume_target
 from pipeline.run_page import grouped, log_operative_config, name_and_file, run_name
 from pipeline.run_status import keep_current_status, stop_with_wrapper
 from pipeline.tracking import (
     FAILURE_TAG,
     STARTED_TAG,
     configure_tracking,
-    fetch_resume_checkpoint,
     log_checkpoints,
     log_params,
-    run_was_started,
     start_run,
 )
 
@@ -139,23 +137,37 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         return _follow(exp, args.output_dir, stop)
     configure_tracking()
+    target = resume_target(args.run_id)
     try:  # before start_run, which would mark a finished run RUNNING again
-        check_resume(resume_target(args.run_id), flat_parameters(), loaded.overrides, gin.config_str())
+        resuming = check_resume(
+            target, flat_parameters(), loaded.overrides, gin.config_str(), experiment=loaded.experiment
+        )
+        resume_from = resume_checkpoint(target, Path(args.output_dir) / target) if resuming else None
     except ResumeError as err:
         print(f"robustflow train: error: {err}", file=sys.stderr)
-        keep_current_status(resume_target(args.run_id))  # `mlflow run` would mark it FAILED
+        keep_current_status(target)  # `mlflow run` would mark it FAILED
+        if world > 1:
+            dist.broadcast_object(None)  # the other ranks wait for the run to train in: there is none
         return EXIT_USAGE
     try:
         train_experiment(
-            loaded, exp, gin_spec=args.gin, run_id=args.run_id, output_dir=args.output_dir, stop=stop
+            loaded,
+            exp,
+            gin_spec=args.gin,
+            run_id=args.run_id,
+            output_dir=args.output_dir,
+            stop=stop,
+            resume_from=resume_from,
         )
     except TrainingInterruptedError:
         stopped = mlflow.last_active_run()
         if stopped is not None:
             print(f"robustflow: to resume: {resume_command(args, stopped.info.run_id)}", file=sys.stderr)
             keep_current_status(stopped.info.run_id)  # KILLED, which `mlflow run` would overwrite
+        dist.barrier()  # the other ranks wait: torchrun stops the job as soon as one rank exits
         return EXIT_TERMINATED
     except TrainingDivergedError:
+        dist.barrier()  # the run is FAILED and tagged now; the other ranks may exit
         return EXIT_DIVERGED
     return 0
 
@@ -175,14 +187,21 @@ def _follow(exp: Experiment, output_dir: str, stop: Callable[[], bool]) -> int:
     from components.guard import TrainingDivergedError
     from components.training import TrainingInterruptedError
 
-    run_id, resume_from = dist.broadcast_object(None)
+    sent = dist.broadcast_object(None)
+    if sent is None:  # rank 0 refused the run before it started (its error says why)
+        return EXIT_USAGE
+    run_id, resume_from = sent
     try:
         exp.trainer.fit(
             exp.graph, exp.data, exp.data.device, Path(output_dir) / run_id, resume_from, should_stop=stop
         )
     except TrainingInterruptedError:
+        dist.barrier()  # until rank 0 has marked the run KILLED (torchrun ends the job when one rank exits)
         return EXIT_TERMINATED
-    except TrainingDivergedError:
+    except TrainingDivergedError as err:
+        # Rank 0's error may only say "on another rank": this rank's own says where and which term.
+        print(f"robustflow train: error on rank {dist.rank()}: {err}", file=sys.stderr)
+        dist.barrier()  # until rank 0 has marked the run FAILED
         return EXIT_DIVERGED
     return 0
 
@@ -198,8 +217,12 @@ def train_experiment(
     nested: bool = False,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     register_model: bool = True,
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
     """Train a built experiment inside an MLflow run (new, resumed, or nested) and register its best model.
+
+    ``resume_from``: the checkpoint a resumed ``run_id`` continues from (``resume.resume_checkpoint``, fetched
+    and checked before the run is opened); ``None`` trains from epoch 1.
 
     ``on_epoch`` sees each epoch's metrics after they are logged (Optuna reports and prunes there: it may
     raise to stop the run, which then ends FAILED unless the caller's exception says otherwise).
@@ -217,7 +240,6 @@ def train_experiment(
     with run_ctx as run:
         run_id = run.info.run_id
         ckpt_dir = Path(output_dir) / run_id
-        resume_from = fetch_resume_checkpoint(run_id, ckpt_dir) if run_was_started(run_id) else None
         if dist.is_distributed():
             dist.broadcast_object((run_id, resume_from))  # the other ranks wait for this in _follow
         if resume_from is not None:

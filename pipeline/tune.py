@@ -156,10 +156,14 @@ def _quiet_optuna() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the entry point; returns the process exit code."""
     from components.data import DataNotFoundError
+    from pipeline.run_status import stop_with_wrapper
     from pipeline.workers import prepare_stores, run_workers
 
     args = parse_args(argv)
     _quiet_optuna()
+    # Under `mlflow run`: SIGTERM when the wrapper dies (no orphan worker), and the wrapper's run found now,
+    # before the study takes MLFLOW_RUN_ID out of the environment (its status is kept at the end).
+    stop_with_wrapper()
     try:
         if args.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")

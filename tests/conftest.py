@@ -1,10 +1,17 @@
-"""Shared test fixtures: offline data, an isolated MLflow store per test, quiet telemetry."""
+"""Shared test fixtures: offline data, an isolated MLflow store per test, a model trained once per session,
+quiet telemetry."""
 
 import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import gin
 import pytest
+from support import SMOKE, cpu_args, unavailable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -14,29 +21,40 @@ SHARED_DATA = Path(os.environ.get("ROBUSTFLOW_TEST_DATA", REPO.parent / "shared"
 
 @pytest.fixture
 def shared_data(monkeypatch):
-    """The offline CIFAR-10 shards (../shared/data); tests that need real data skip without them."""
+    """The offline CIFAR-10 shards (../shared/data); missing: a listed skip (a failure on CI)."""
     if not (SHARED_DATA / "cifar10" / "train-1.npz").is_file():
-        pytest.skip(f"offline CIFAR-10 shards not found under {SHARED_DATA} (set ROBUSTFLOW_TEST_DATA)")
+        unavailable(f"offline CIFAR-10 shards not found under {SHARED_DATA} (set ROBUSTFLOW_TEST_DATA)")
     monkeypatch.setenv("ROBUSTFLOW_DATA", str(SHARED_DATA))
     return SHARED_DATA
+
+
+def _use_store(folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make ``folder/mlflow.db`` this test's MLflow store and ``folder`` its working directory."""
+    import mlflow
+
+    monkeypatch.chdir(folder)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _leave_store() -> None:
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+    # mlflow.set_experiment exports the id for child processes; do not let it leak into later tests.
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store and working directory for one test."""
-    import mlflow
-
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    # mlflow.set_experiment exports the id for child processes; do not let it leak into later tests.
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    yield _use_store(tmp_path, monkeypatch)
+    _leave_store()
 
 
 @pytest.fixture(autouse=True)
@@ -71,3 +89,81 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The model every test that needs "a trained, registered model" shares: the smoke profile on 128 training
+# images (2 steps an epoch), 2 epochs, trained once per session through the train entry point, with system
+# metrics sampled fast enough to be logged by so short a run.
+TRAINED_OVERRIDES = (
+    "EPOCHS = 2; DataModule.train_size = 128; DataModule.val_size = 64; DataModule.test_size = 64; "
+    "BATCH_SIZE = 64; Trainer.progress = False"
+)
+
+
+@dataclass
+class TrainedStore:
+    """A copy of the session's trained store: ``uri`` (sqlite), ``dir`` (also the working directory),
+    ``run_id`` of the FINISHED training run (version 1 of ``d2r_cag_cifar10``, champion), its ``log``."""
+
+    uri: str
+    dir: Path
+    run_id: str
+    log: str
+
+
+@pytest.fixture(scope="session")
+def _trained_snapshot(tmp_path_factory):
+    if not (SHARED_DATA / "cifar10" / "train-1.npz").is_file():
+        unavailable(f"offline CIFAR-10 shards not found under {SHARED_DATA} (set ROBUSTFLOW_TEST_DATA)")
+    root = tmp_path_factory.mktemp("trained")
+    work = root / "store"
+    work.mkdir()
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
+        ROBUSTFLOW_DATA=str(SHARED_DATA),
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",
+        MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(key, None)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", *cpu_args(TRAINED_OVERRIDES, SMOKE)],
+        cwd=work, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_id = re.search(r"robustflow: run (\w+) finished", out.stderr)[1]
+    shutil.copytree(work, root / "pristine")
+    return work, root / "pristine", run_id, out.stderr
+
+
+@pytest.fixture
+def trained_store(_trained_snapshot, shared_data, tmp_path, monkeypatch):
+    """The session's trained model in a fresh copy of its MLflow store, as working directory and tracking URI.
+
+    Training it costs more than most tests; copying it costs milliseconds. The copy is this test's own (in
+    its tmp_path), so a test may change it (evaluate it, resume it, train beside it) without affecting the
+    next one.
+    """
+    work, pristine, run_id, log = _trained_snapshot
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
+    _move_store(store / "mlflow.db", str(work), str(store))
+    yield TrainedStore(uri=_use_store(store, monkeypatch), dir=store, run_id=run_id, log=log)
+    _leave_store()
+
+
+def _move_store(db: Path, old: str, new: str) -> None:
+    """Point a copied sqlite MLflow store's records at the copy: it stores artifact locations as absolute
+    paths (``file:///.../mlruns/...``). Every text column of every table, so no MLflow schema is assumed."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if any(t in kind.upper() for t in ("CHAR", "TEXT", "CLOB")):
+                    col = f'"{column}"'
+                    sql = f'UPDATE "{table}" SET {col} = replace({col}, ?, ?) WHERE {col} LIKE ?'
+                    con.execute(sql, (old, new, f"%{old}%"))

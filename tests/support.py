@@ -1,6 +1,9 @@
 """Helpers shared by the tests: tiny models, seeded batches, an easy synthetic task, and the tiny real run
 that the entry-point tests train."""
 
+import os
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,3 +124,19 @@ def bench_without_mlflow(argv: list[str]):
         "sys.exit(rc)\n"
     )
     return run_python_without(code)
+
+
+def on_ci() -> bool:
+    """Whether the suite runs under CI (``CI=true``, as GitHub Actions, GitLab and `.ci/run` set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip a test whose data, server or tool is missing here; under CI, fail it with ``reason``.
+
+    A green CI run must mean the end-to-end tests ran: locally a missing ../shared/data or PostgreSQL is a
+    listed skip (``-ra``), on CI it is an error of the CI set-up.
+    """
+    if on_ci():
+        pytest.fail(f"CI=true and {reason}: CI must provide it (see .ci/run)", pytrace=False)
+    pytest.skip(reason)

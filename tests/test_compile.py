@@ -37,6 +37,16 @@ def eager_compile(monkeypatch, one_thread):
     torch._dynamo.reset()
 
 
+# The exact graph counts below were measured with this torch release; dynamo's graph breaks and guards
+# change between releases, so elsewhere only the properties (bounded, none after epoch 1) are asserted.
+MEASURED_ON = "2.14."
+
+
+def _exact(measured: object, expected: object) -> None:
+    if torch.__version__.startswith(MEASURED_ON):
+        assert measured == expected
+
+
 def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
@@ -61,20 +71,22 @@ def _fit_graph_counts(tmp_path, extra):
     return seen
 
 
+@pytest.mark.slow
 def test_fit_compiles_a_bounded_set_of_graphs_and_nothing_after_the_first_epoch(
     shared_data, tmp_path, eager_compile
 ):
     ragged = _fit_graph_counts(tmp_path / "ragged", [])
     # Train: no_grad soft label, attack (input grad), loss views (weight grads); validation at batch 16
     # (no_grad and attack) and at the ragged 8 (no_grad and attack): 7, all in epoch 1, then none.
-    # Exactly these: a guard failing every step would keep compiling up to the limit (then go eager).
-    assert ragged == [7, 7, 7]
-    assert ragged[0] < torch._dynamo.config.recompile_limit
+    # A guard failing every step would keep compiling up to the limit (then go eager).
+    assert ragged == [ragged[0]] * 3 and 0 < ragged[0] < torch._dynamo.config.recompile_limit
+    _exact(ragged, [7, 7, 7])
     torch._dynamo.reset()
     counters.clear()
     static = _fit_graph_counts(tmp_path / "static", ["DataModule.val_drop_last = True"])
     # Dropping the ragged validation batch removes the odd-size graphs (no_grad and attack).
-    assert static == [5, 5, 5]
+    assert static == [static[0]] * 3 and 0 < static[0] < ragged[0]
+    _exact(static, [5, 5, 5])
 
 
 def test_bench_reports_no_recompiles_during_timed_steps(eager_compile):
@@ -86,7 +98,8 @@ def test_bench_reports_no_recompiles_during_timed_steps(eager_compile):
     labels = torch.randint(0, 10, (48,))
     row = bench_training(exp, images, labels, steps=4, warmup=2, device=torch.device("cpu"), seed=0)
     assert row["compile"] is True
-    assert row["compiled_graphs_warmup"] == 3  # no_grad soft label, attack, loss views
+    assert 0 < row["compiled_graphs_warmup"] < torch._dynamo.config.recompile_limit
+    _exact(row["compiled_graphs_warmup"], 3)  # no_grad soft label, attack, loss views
     assert row["compiled_graphs_timed"] == 0
     assert row["loss_finite"]
 

@@ -1,5 +1,6 @@
 """Bad data files fail the train entry point's pre-flight: file named, exit 2, no MLflow run created."""
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,13 @@ def _train(root: Path, extra: str = "") -> list[str]:
     return ["--gin", "d2r_cag_cifar10,smoke", "--device", "cpu", "--overrides", f"{SIZES}{extra}"]
 
 
-def test_good_shards_pass_the_preflight(data_root, monkeypatch):
+def test_good_shards_pass_the_preflight(data_root, monkeypatch, tmp_path):
     monkeypatch.setenv("ROBUSTFLOW_DATA", str(data_root))
+    DataModule("cifar10", train_size=128, val_size=32, test_size=32, batch_size=64).check()
+    # Deflated shards (np.savez_compressed, as the offline copies) pass too.
+    for shard in (data_root / "cifar10").glob("*.npz"):
+        with np.load(shard) as arrays:
+            np.savez_compressed(shard, **arrays)
     DataModule("cifar10", train_size=128, val_size=32, test_size=32, batch_size=64).check()
 
 
@@ -55,13 +61,15 @@ def test_truncated_shard_is_named(data_root, mlflow_store, monkeypatch, capsys):
     assert "Traceback" not in err
 
 
-def test_shard_whose_array_is_cut_short_is_named(data_root, mlflow_store, monkeypatch, capsys):
-    # A zip whose directory is intact but whose x array is shorter than its header says.
+@pytest.mark.parametrize(
+    "compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"]
+)
+def test_shard_whose_array_is_cut_short_is_named(data_root, mlflow_store, monkeypatch, capsys, compression):
+    # A zip whose directory is intact but whose x array is shorter than its header says; stored (np.savez) or
+    # deflated (np.savez_compressed, as the offline CIFAR-10 shards are).
     shard = data_root / "cifar10" / "train-1.npz"
     x = np.zeros((100, 32, 32, 3), np.uint8)
-    import zipfile
-
-    with zipfile.ZipFile(shard, "w") as z:
+    with zipfile.ZipFile(shard, "w", compression=compression) as z:
         header = np.lib.format.header_data_from_array_1_0(x)
         with z.open("x.npy", "w") as f:
             np.lib.format.write_array_header_1_0(f, header)

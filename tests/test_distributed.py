@@ -50,6 +50,7 @@ def _train(tmp_path, name, batch, nproc, data):
     return history, last
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(shared_data, tmp_path):
     single, single_ckpt = _train(tmp_path, "single", batch=64, nproc=1, data=shared_data)

@@ -8,16 +8,9 @@ import pytest
 from pipeline.evaluate import EVALUATES_TAG, parse_eps
 from pipeline.evaluate import main as evaluate
 from pipeline.train import EXIT_USAGE
-from pipeline.train import main as train
-
-TINY = (
-    "EPOCHS = 1; DataModule.train_size = 256; DataModule.val_size = 64; DataModule.test_size = 64; "
-    "BATCH_SIZE = 64; Trainer.progress = False"
-)
 
 
-def test_evaluate_the_smoke_champion(shared_data, mlflow_store):
-    assert train(["--gin", "d2r_cag_cifar10,smoke", "--overrides", TINY]) == 0
+def test_evaluate_the_smoke_champion(trained_store):
     (train_run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     code = evaluate(
         [
@@ -85,15 +78,15 @@ def test_evaluate_rejects_bad_input_before_work(mlflow_store, capsys):
     assert parse_eps("8/255, 0.031") == pytest.approx([8 / 255, 0.031])
 
 
-def test_mlflow_run_evaluate_entry_point(shared_data, mlflow_store, tmp_path):
+@pytest.mark.slow
+def test_mlflow_run_evaluate_entry_point(trained_store, shared_data, tmp_path):
     """Through `mlflow run`, whose own run already holds the entry point's parameters (n, suite, ...)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    assert train(["--gin", "d2r_cag_cifar10,smoke", "--overrides", TINY]) == 0
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store, ROBUSTFLOW_DATA=str(shared_data))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=trained_store.uri, ROBUSTFLOW_DATA=str(shared_data))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         env.pop(key, None)

@@ -1,62 +1,36 @@
-"""The divergence guard: a run whose loss goes non-finite stops, ends FAILED and is never registered.
+"""The divergence guard: a run whose loss or weights go non-finite stops, ends FAILED and is never registered.
 
-A loss term rigged to go NaN at a chosen step (``NaNFromStep``, registered with gin here) stands in for a
-real divergence, so the step, the epoch and the term named in the error are known exactly.
+Loss terms rigged to go bad at a chosen step (``tests/rigged.py``) stand in for a real divergence, so the
+step, the epoch and the term named in the error are known exactly.
 """
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import gin
 import mlflow
 import optuna
 import pytest
 import support
 import torch
 from optuna.trial import TrialState
+from rigged import rigged, rigged_weights
 from support import cpu_args
 
 from benchmarks.stability import DEFAULT_METHODS
 from components.checkpoint import load_checkpoint
 from components.guard import DivergenceGuard, TrainingDivergedError
-from components.losses import Term
 from components.training import Trainer
 from pipeline.registry import CHAMPION
-from pipeline.train import EXIT_DIVERGED, main
+from pipeline.train import EXIT_DIVERGED, build, main
 from pipeline.tune import main as tune_main
-
-
-@gin.configurable
-class NaNFromStep(Term):
-    """0 times the mean of a view until the ``step``-th call, then NaN (its gradient reaches the model)."""
-
-    fired = False  # with once=True, only the first instance (in this process) to reach ``step`` goes NaN
-
-    def __init__(self, view: str = "guide(x)", step: int = 3, once: bool = False) -> None:
-        (self.view,) = self._register(view)
-        self.step, self.once, self.calls, self.firing = step, once, 0, False
-
-    def __call__(self, views, y):
-        self.calls += 1
-        zero = views[self.view].float().mean() * 0
-        if self.calls < self.step or (self.once and NaNFromStep.fired and not self.firing):
-            return zero
-        self.firing = NaNFromStep.fired = True
-        return zero + math.nan
-
 
 # The tests' tiny real run (4 steps per epoch) with a 1-step attack.
 TINY = f"{support.TINY}; ATTACK_STEPS = 1"
-
-
-def rigged(step: int, once: bool = False) -> str:
-    """Overrides adding the NaN term to D2R's loss at ``step`` (global, 1-indexed)."""
-    return (
-        "WeightedLoss.terms = {'ce_guide': (1.0, @ce_guide/CrossEntropy()), 'mse': (1.0, @mse/MSE()), "
-        "'rigged': (1.0, @NaNFromStep())}; "
-        f"NaNFromStep.step = {step}; NaNFromStep.once = {once}"
-    )
+WIDTH_8 = "build_backbone.width = 8"  # narrower models where only the guard's behaviour is tested
 
 
 # -- the guard itself -----------------------------------------------------------------------------------
@@ -124,11 +98,8 @@ def test_bad_guard_and_stabilizer_settings_fail_at_construction(kwargs):
 # -- through the train entry point and a real MLflow store --------------------------------------------
 
 
-def test_a_diverged_run_ends_failed_unregistered_and_keeps_its_last_good_epoch(
-    shared_data, mlflow_store, capsys
-):
-    assert main(cpu_args(f"EPOCHS = 2; {TINY}")) == 0  # a good run: version 1, champion
-    client = mlflow.MlflowClient()
+def test_a_diverged_run_ends_failed_unregistered_and_keeps_its_last_good_epoch(trained_store, capsys):
+    client = mlflow.MlflowClient()  # the session's good run: version 1, champion
     assert str(client.get_model_version_by_alias("d2r_cag_cifar10", CHAMPION).version) == "1"
     capsys.readouterr()
 
@@ -154,7 +125,9 @@ def test_a_diverged_run_ends_failed_unregistered_and_keeps_its_last_good_epoch(
     assert [str(v.version) for v in versions] == ["1"]
     assert str(client.get_model_version_by_alias("d2r_cag_cifar10", CHAMPION).version) == "1"
     # last.pt is epoch 1's, with finite weights, locally and as the run's artifact.
-    local = load_checkpoint(Path.cwd() / "outputs" / diverged.info.run_id / "last.pt")  # cwd: tmp_path
+    local = load_checkpoint(
+        Path.cwd() / "outputs" / diverged.info.run_id / "last.pt"
+    )  # cwd: the store's folder
     assert local["epoch"] == 1
     for state in local["models"].values():
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
@@ -177,27 +150,83 @@ def test_detection_within_check_every_steps(shared_data, mlflow_store, capsys):
     assert "epoch 1 at step 3 (step 3 of 32 in the epoch)" in capsys.readouterr().err
 
 
-def test_a_diverged_optuna_trial_fails_and_the_study_goes_on(shared_data, mlflow_store, tmp_path):
-    NaNFromStep.fired = False
-    overrides = f"EPOCHS = 1; {TINY}; {rigged(2, once=True)}"
-    code = tune_main([*cpu_args(overrides), "--seed", "0", "--n-trials", "2", "--pruner", "none"])
+def test_a_weight_that_turns_nan_at_an_epochs_last_step_is_caught_before_its_checkpoint(
+    shared_data, tmp_path
+):
+    """Every loss statistic stays finite; only the weights go bad, at step 8 = the last of epoch 2."""
+    _, exp = build("d2r_cag_cifar10,smoke", f"EPOCHS = 2; {TINY}; {WIDTH_8}; {rigged_weights(8)}", "cpu")
+    with pytest.raises(TrainingDivergedError) as err:
+        exp.trainer.fit(exp.graph, exp.data, "cpu", tmp_path)
+    assert (err.value.term, err.value.epoch, err.value.step) == ("parameters of target", 2, 8)
+    assert "the target model has non-finite weights" in str(err.value)
+    last = load_checkpoint(tmp_path / "last.pt")  # epoch 2 never became a checkpoint
+    assert last["epoch"] == 1
+    for state in last["models"].values():
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_rank_that_diverges_stops_every_rank_and_the_run_fails_unregistered(shared_data, tmp_path):
+    """Two gloo ranks; only rank 1's loss goes NaN (its step 3 = epoch 2, step 1 of 2 per rank)."""
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ROBUSTFLOW_DATA=str(shared_data),
+        OMP_NUM_THREADS="1",
+    )
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    script = Path(__file__).resolve().parent / "rigged_train.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *cpu_args(f"EPOCHS = 2; {TINY}; {WIDTH_8}; {rigged(3, rank=1)}")]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    said = out.stdout[-2000:] + out.stderr[-4000:]
+    assert out.returncode != 0, said  # both ranks ended (torchrun returned) with the divergence exit code
+    assert "loss term 'rigged' is non-finite" in out.stderr, said  # rank 1's own error
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED", said
+    assert "on another rank" in run.data.tags["robustflow.failure"], run.data.tags
+    assert not mlflow.MlflowClient().search_model_versions("name = 'd2r_cag_cifar10'")
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
+    artifact = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="checkpoints/last.pt"
+    )
+    assert load_checkpoint(artifact)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_study_over_a_recipe_that_always_diverges_ends_with_its_trials_all_diverged(
+    shared_data, mlflow_store, tmp_path, capsys
+):
+    """A diverged trial is a finished trial (its parameters have an answer): recorded with the reason,
+    counted toward --n-trials, and never toward the consecutive-failure stop (3)."""
+    overrides = f"EPOCHS = 1; {TINY}; {rigged(2)}"
+    code = tune_main([*cpu_args(overrides), "--seed", "0", "--n-trials", "4", "--pruner", "none"])
     assert code == 0
     study = optuna.load_study(
         study_name="d2r_cag_cifar10-smoke-robust", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
     )
-    states = sorted((t.number, t.state) for t in study.trials)
-    # Trial 0 diverged (failed, not retried: the same parameters would diverge again); the study went on
-    # until two trials finished.
-    assert states[0] == (0, TrialState.FAIL)
-    assert "diverged" in study.trials[0].user_attrs["error"]
-    assert [s for _, s in states].count(TrialState.COMPLETE) == 2
-    failed = [
-        r
-        for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
-        if r.data.tags.get("optuna.trial_number") == "0"
-    ]
-    assert len(failed) == 1 and failed[0].info.status == "FAILED"
-    assert "diverged" in failed[0].data.tags["robustflow.failure"]
+    assert len(study.trials) == 4
+    for trial in study.trials:
+        assert trial.state == TrialState.PRUNED and "loss term 'rigged'" in trial.user_attrs["diverged"]
+        assert "error" not in trial.user_attrs
+    runs = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")]
+    trials = [r for r in runs if r.data.tags.get("robustflow.tune.role") == "trial"]
+    assert len(trials) == 4
+    for run in trials:
+        assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "DIVERGED"
+        assert "diverged" in run.data.tags["robustflow.tune.note"]
+    (parent,) = [r for r in runs if r.data.tags.get("robustflow.tune.role") == "parent"]
+    assert (
+        parent.data.tags["optuna.trials.diverged"] == "4" and parent.data.tags["optuna.trials.pruned"] == "0"
+    )
+    summary = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/tuning/summary.md")
+    assert "4/4 finished (0 complete, 0 pruned, 4 diverged)" in summary, summary
+    assert "--gin d2r_cag_cifar10,smoke,stable" in summary, summary
+    assert "in a row failed" not in capsys.readouterr().err
 
 
 # -- every CIFAR-10 method trains under smoke on real data -------------------------------------------------
@@ -208,13 +237,14 @@ CIFAR10_METHODS = DEFAULT_METHODS  # the stability study's: every CIFAR-10 exper
 @pytest.mark.slow
 def test_every_cifar10_method_under_smoke_ends_finite_and_above_chance(shared_data, tmp_path):
     """The smoke profile's sizes (2,048 images, 4 epochs, 256 validation images) on the real shards, through
-    Trainer.fit with the guard on. CIFAR-100 and Tiny ImageNet have no offline copy here."""
+    Trainer.fit with the guard on; validation by PGD-5 rather than PGD-20 (a quarter of the attack steps: the
+    bar is above chance, not a robustness figure). CIFAR-100 and Tiny ImageNet have no offline copy here."""
     from pipeline import learn
 
     argv = [
         "--methods", ",".join(CIFAR10_METHODS), "--profile", "smoke", "--target", "small_cnn",
         "--guide", "small_cnn", "--epochs", "4", "--train-size", "2048", "--val-size", "256",
-        "--batch-size", "128", "--attack-steps", "3", "--out", str(tmp_path),
+        "--batch-size", "128", "--attack-steps", "3", "--val-steps", "5", "--out", str(tmp_path),
     ]  # fmt: skip
     assert learn.main(argv) == 0
     report = json.loads((tmp_path / "learn.json").read_text())

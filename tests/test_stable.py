@@ -7,15 +7,18 @@ off by default, and with them off the trainer's step is the plain zero_grad / ba
 import copy
 
 import gin
+import mlflow
 import pytest
 import torch
-from support import conv_bn_net
+from support import TINY, conv_bn_net, cpu_args
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from components.experiment import experiment
 from components.losses import CrossEntropy, WeightedLoss
 from components.schedules import PaperStepSchedule, make_lr_scheduler
 from components.training import Trainer
 from pipeline.config import GIN_DIR, available_configs, flat_parameters, is_experiment, load_config
+from pipeline.train import main
 
 EXPERIMENTS = [name for name in available_configs() if is_experiment(GIN_DIR / f"{name}.gin")]
 # What stable.gin binds, and nothing else.
@@ -106,12 +109,47 @@ def test_gradient_clipping_bounds_the_global_norm_and_reports_the_pre_clip_norm(
 def test_the_lr_ramp_is_linear_and_multiplies_the_schedule():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    # 10 steps per epoch, 20 epochs, ramp over 2 epochs; no constant warm-up epoch (as in stable.gin).
-    sched = make_lr_scheduler(opt, PaperStepSchedule(warmup_epochs=0), 10, 20, ramp_epochs=2)
+    # 10 steps per epoch, 20 epochs, ramp over 2 epochs, over the papers' warm-up epoch at 0.2: inside the
+    # ramp the schedule's factor is not 1, so "ramp times schedule" and "ramp instead of schedule" differ.
+    sched = make_lr_scheduler(opt, PaperStepSchedule(warmup_epochs=1), 10, 20, ramp_epochs=2)
     lrs = []
     for _ in range(40):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[:20] == pytest.approx([0.1 * (i + 1) / 20 for i in range(20)])
+    assert lrs[:10] == pytest.approx([0.1 * 0.2 * (i + 1) / 20 for i in range(10)])
+    assert lrs[10:20] == pytest.approx([0.1 * (i + 1) / 20 for i in range(10, 20)])
     assert lrs[20:] == pytest.approx([0.1] * 20)
+
+
+def test_the_stabilizers_act_through_the_train_entry_point(shared_data, mlflow_store, monkeypatch):
+    """Trainer.fit, not only train_step: the logged perf/lr is the ramp times the schedule, train/grad_norm is
+    logged every epoch, and every optimizer step sees gradients clipped to the bound."""
+    clip = 0.05
+    # 4 steps an epoch; a 3-epoch ramp (12 steps) over a schedule that is not 1 inside it: the papers'
+    # warm-up epoch at 0.2, then x0.1 from epoch 3 (epoch > 0.5 * 4).
+    overrides = (
+        f"EPOCHS = 4; {TINY}; ATTACK_STEPS = 1; build_backbone.width = 8; Trainer.grad_clip_norm = {clip}; "
+        "Trainer.lr_ramp_epochs = 3; PaperStepSchedule.warmup_epochs = 1; "
+        "PaperStepSchedule.milestones = (0.5,)"
+    )
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        assert main(cpu_args(overrides)) == 0
+    finally:
+        handle.remove()
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    client = mlflow.MlflowClient()
+    lr = [m.value for m in client.get_metric_history(run.info.run_id, "perf/lr")]
+    # The lr of each epoch's first step (global step s = 0, 4, 8, 12): 0.1 x schedule x (s + 1) / 12.
+    assert lr == pytest.approx([0.1 * 0.2 * 1 / 12, 0.1 * 5 / 12, 0.01 * 9 / 12, 0.01])
+    norms = client.get_metric_history(run.info.run_id, "train/grad_norm")
+    assert [m.step for m in norms] == [1, 2, 3, 4]
+    assert all(m.value > clip for m in norms)  # the pre-clip norm: clipping had work to do
+    assert len(seen) == 16 and max(seen) <= clip * (1 + 1e-4), seen

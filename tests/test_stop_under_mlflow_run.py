@@ -18,6 +18,7 @@ import mlflow
 import pytest
 import support
 
+pytestmark = pytest.mark.slow  # three `mlflow run` trainings
 REPO = Path(__file__).resolve().parents[1]
 TINY = f"EPOCHS = 3; {support.TINY}"
 
@@ -87,3 +88,53 @@ def test_stop_under_mlflow_run_ends_killed_with_no_orphan(how, shared_data, tmp_
     # Local checkpoints are kept (the run can be resumed) where the command was run, not in the project.
     assert (tmp_path / "outputs" / run.info.run_id / "last.pt").is_file()
     assert not (REPO / "outputs" / run.info.run_id).exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_tune_under_mlflow_run_stops_with_its_wrapper_and_its_run_stays_killed(shared_data, tmp_path):
+    """`mlflow run -e tune` SIGTERMed: the tune process stops with it (parent-death signal), the running
+    trial is queued again, and the study's parent run (the wrapper's run) ends KILLED, not FAILED."""
+    import optuna
+    from optuna.trial import TrialState
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "tune", "--env-manager", "local",
+           "--experiment-name", "d2r_cag_cifar10", "-P", "gin=d2r_cag_cifar10,smoke", "-P", "n_trials=1",
+           "-P", f"overrides={TINY}; ATTACK_STEPS = 1", "-P", "device=cpu", "-P", "pruner=none"]  # fmt: skip
+    wrapper = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    lines = []
+    for line in wrapper.stderr:
+        lines.append(line)
+        if line.startswith("epoch 1/3"):
+            break
+    tuner = [p for p in _children(wrapper.pid) if _alive(p)]
+    wrapper.send_signal(signal.SIGTERM)
+    rest = wrapper.stderr.read()
+    wrapper.wait(timeout=120)
+    out = "".join(lines) + rest
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in tuner) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert tuner and not any(_alive(p) for p in tuner), "tune went on without its wrapper:\n" + out[-3000:]
+    assert "worker stopped by SIGTERM" in out and "queued again" in out, out[-3000:]
+    study = optuna.load_study(
+        study_name="d2r_cag_cifar10-smoke-robust", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    )
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    (parent,) = [
+        r
+        for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+        if r.data.tags.get("robustflow.tune.role") == "parent"
+    ]
+    deadline = time.monotonic() + 30  # mlflow run writes FAILED as it exits; robustflow puts KILLED back
+    while (
+        status := mlflow.get_run(parent.info.run_id).info.status
+    ) != "KILLED" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert status == "KILLED", out[-3000:]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -13,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _ruff():
     exe = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(exe).exists():
-        pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+        unavailable("ruff is not installed (pip install -e '.[dev]')")
     return exe
 
 

@@ -1,9 +1,11 @@
 """The team set-up of docs/team.md, for real: PostgreSQL, an MLflow tracking server, three tune workers.
 
 PostgreSQL comes from the distribution's packages (``.ci/run`` installs them); without its binaries the
-test skips and says so. Everything runs on localhost in temporary folders and is torn down afterwards.
+test skips and says so, and under ``CI=true`` it fails instead (a green CI run has run it). Everything runs
+on localhost in temporary folders and is torn down afterwards.
 """
 
+import importlib.util
 import os
 import pwd
 import shutil
@@ -21,6 +23,7 @@ import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
+from support import unavailable
 
 from pipeline.registry import CHAMPION
 from pipeline.tune import RUN_ATTR, VERSION_ATTR
@@ -68,7 +71,7 @@ class Postgres:
             try:
                 user = pwd.getpwnam("postgres")
             except KeyError:
-                pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+                unavailable("running as root and there is no 'postgres' user to run PostgreSQL as")
             os.chown(self.root, user.pw_uid, user.pw_gid)
             self.as_user = ["runuser", "-u", "postgres", "--"]
 
@@ -100,10 +103,9 @@ class Postgres:
 def postgres():
     bindir = postgres_bin()
     if bindir is None:
-        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl): `.ci/run` installs them (apt postgresql)")
-    pytest.importorskip(
-        "psycopg", reason="psycopg (the team extra) is what SQLAlchemy uses for postgresql://"
-    )
+        unavailable("no PostgreSQL binaries (initdb, pg_ctl): `.ci/run` installs them (apt postgresql)")
+    if importlib.util.find_spec("psycopg") is None:
+        unavailable("psycopg (the team extra) is not installed: SQLAlchemy uses it for postgresql://")
     server = Postgres(bindir)
     try:
         server.start()

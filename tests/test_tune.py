@@ -91,6 +91,7 @@ def artifacts(run_id, path=""):
     return out
 
 
+@pytest.mark.slow
 def test_a_study_runs_nested_trials_resumes_and_writes_a_reproducible_best_gin(
     shared_data, mlflow_store, tmp_path
 ):
@@ -154,15 +155,16 @@ def test_a_study_runs_nested_trials_resumes_and_writes_a_reproducible_best_gin(
     assert flat_parameters() == {k: v for k, v in best_run.data.params.items() if not k.startswith("data.")}
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_study_and_stop_at_its_total(shared_data, mlflow_store, tmp_path):
-    """Two processes asked for 2 trials each finish 2 between them: none lost, none run twice.
+    """Two commands started together on a fresh store, asked for 2 trials each, finish 2 between them: none
+    lost, none run twice.
 
+    Neither store exists yet: the sqlite MLflow store and Optuna storage are what the two race to set up.
     The first to finish its trial must wait for the other's rather than start a third (as Optuna's
     MaxTrialsCallback would)."""
-    mlflow.MlflowClient().search_experiments()  # the tracking store exists before the workers start
-    log = tmp_path / "study.log"
     cmd = tune_command(
-        "--n-trials", "2", "--storage", f"journal:{log}", "--study", "shared", "--objective", "pareto",
+        "--n-trials", "2", "--study", "shared", "--objective", "pareto",
         "--pruner", "none", "--heartbeat-interval", "2", "--grace-period", "60",
     )  # fmt: skip
     workers, logs = [], []
@@ -175,7 +177,7 @@ def test_two_workers_share_a_study_and_stop_at_its_total(shared_data, mlflow_sto
         assert worker.wait(timeout=400) == 0, err.read_text()[-3000:]
         assert "Pareto front" in out.read_text()  # each worker ends with the study's summary
 
-    study = optuna.load_study(study_name="shared", storage=journal(log))
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     said = "\n".join(err.read_text()[-4000:] for _, err in logs)
     assert [t.number for t in complete] == [0, 1], said
@@ -209,6 +211,7 @@ def test_a_pruned_trial_shows_as_pruned_in_optuna_and_mlflow(shared_data, mlflow
     assert "no completed trial" in parent.data.tags[f"{NOTE_TAG}.best_params"]
 
 
+@pytest.mark.slow
 def test_a_killed_workers_trial_is_failed_by_heartbeat_and_retried(shared_data, mlflow_store, tmp_path):
     log = tmp_path / "study.log"
     liveness = ["--heartbeat-interval", "1", "--grace-period", "3", "--storage", f"journal:{log}"]
@@ -288,7 +291,10 @@ def test_search_space_declarations_parse_to_optuna_distributions():
 
 
 # Drawn by the code before the search space became optuna.distributions (Dimension.suggest, at 5a50a17),
-# with the samplers below: the same declarations must keep drawing the same values for the same seed.
+# with the samplers below under Optuna 5.1: the same declarations must keep drawing the same values for the
+# same seed. Samplers' streams change between Optuna releases, so elsewhere the test asserts properties:
+# every value inside its declared range, and the same draws for the same seed.
+SAMPLED_ON = "5.1."
 SAMPLED_SPACE = {
     "ALPHA": ("float", 3.0, 300.0, "log"),
     "BETA": ("float", 0.0, 12.0),
@@ -312,6 +318,18 @@ SAMPLED_BEFORE = {
 }
 
 
+def _draw(sampler, n: int) -> list[tuple]:
+    space = {macro_name: parse_dimension(macro_name, d) for macro_name, d in SAMPLED_SPACE.items()}
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    drawn = []
+    for _ in range(n):
+        trial = study.ask()
+        v = {macro_name: suggest(trial, macro_name, d) for macro_name, d in space.items()}
+        study.tell(trial, math.log(v["ALPHA"]) - v["BETA"] + v["STEPS"] / v["WIDTH"] + len(v["INIT"]))
+        drawn.append(tuple(v.values()))
+    return drawn
+
+
 @pytest.mark.parametrize(
     "name, sampler",
     [
@@ -319,16 +337,15 @@ SAMPLED_BEFORE = {
         ("random", lambda: optuna.samplers.RandomSampler(seed=1)),
     ],
 )
-def test_a_seeded_study_draws_the_same_values_as_before(name, sampler):
-    space = {macro_name: parse_dimension(macro_name, d) for macro_name, d in SAMPLED_SPACE.items()}
-    study = optuna.create_study(direction="maximize", sampler=sampler())
-    drawn = []
-    for _ in SAMPLED_BEFORE[name]:
-        trial = study.ask()
-        v = {macro_name: suggest(trial, macro_name, d) for macro_name, d in space.items()}
-        study.tell(trial, math.log(v["ALPHA"]) - v["BETA"] + v["STEPS"] / v["WIDTH"] + len(v["INIT"]))
-        drawn.append(tuple(v.values()))
-    assert drawn == SAMPLED_BEFORE[name]
+def test_a_seeded_study_draws_in_the_space_reproducibly_and_as_before(name, sampler):
+    drawn = _draw(sampler(), len(SAMPLED_BEFORE[name]))
+    assert drawn == _draw(sampler(), len(drawn))  # the same seed draws the same values
+    for values in drawn:
+        alpha, beta, steps, width, init = values
+        assert 3.0 <= alpha <= 300.0 and 0.0 <= beta <= 12.0 and init in ("uniform", "normal", "sign")
+        assert isinstance(steps, int) and 1 <= steps <= 10 and isinstance(width, int) and 4 <= width <= 64
+    if optuna.__version__.startswith(SAMPLED_ON):
+        assert drawn == SAMPLED_BEFORE[name]
 
 
 def test_search_fragments_bind_the_search_space_without_importing_an_entry_point():

@@ -1,14 +1,16 @@
-"""Several tune workers: one command with --workers N, and two commands started at once on a fresh store.
+"""Several tune workers from one command (--workers N): the stores set up once, the workers run at the same
+time, and SIGTERM to the command stops every worker's trial and queues it again. (Two separate commands
+racing on a fresh store: tests/test_tune.py.)"""
 
-Neither test creates the MLflow store first: a fresh sqlite store is what the first workers race to set up.
-"""
-
+import signal
 import subprocess
+from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_stop_under_mlflow_run import _alive
 from test_tune import tune_command, worker_env
 
 from pipeline.workers import retry_setup, without_workers_flag
@@ -27,11 +29,47 @@ ARGS = [
 ]
 
 
+def _study(tmp_path) -> optuna.Study:
+    return optuna.load_study(study_name="pair", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
 def _complete_trials(tmp_path) -> list[int]:
-    study = optuna.load_study(study_name="pair", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    return sorted(t.number for t in study.trials if t.state == TrialState.COMPLETE)
+    return sorted(t.number for t in _study(tmp_path).trials if t.state == TrialState.COMPLETE)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_sigterm_to_the_command_requeues_every_running_trial_and_leaves_no_worker(
+    shared_data, mlflow_store, tmp_path
+):
+    args = [*ARGS[:1], "4", *ARGS[2:]]  # 4 trials of 2 epochs: both workers are mid-trial when stopped
+    cmd = tune_command(*args, "--workers", "2")
+    parent = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True)
+    lines, epochs = [], 0
+    for line in parent.stderr:
+        lines.append(line)
+        if line.startswith("robustflow tune: started 2 workers"):
+            workers = [int(p) for p in line.split("pids ", 1)[1].rstrip(")\n").split(", ")]
+        epochs += line.startswith("epoch 1/2")
+        if epochs == 2:  # both workers are in their first trial (each has finished its epoch 1)
+            break
+    parent.send_signal(signal.SIGTERM)
+    rest = parent.stderr.read()
+    said = "".join(lines) + rest
+    assert parent.wait(timeout=300) == 143, said[-4000:]
+    for pid in workers:
+        assert not _alive(pid), f"worker {pid} outlived the command:\n" + said[-3000:]
+    assert said.count("worker stopped by SIGTERM") == 2, said[-4000:]
+    trials = _study(tmp_path).trials
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    # Each stopped trial is queued again (Optuna's retry: same parameters, "failed_trial" names it).
+    queued = [t for t in trials if t.state == TrialState.WAITING and "failed_trial" in t.system_attrs]
+    assert len(stopped) == 2, [(t.number, t.state) for t in trials]
+    assert sorted(t.system_attrs["failed_trial"] for t in queued) == sorted(t.number for t in stopped)
+    assert all(t.system_attrs["fixed_params"] for t in queued)
+
+
+@pytest.mark.slow
 def test_one_command_starts_n_workers_after_setting_the_stores_up(shared_data, mlflow_store, tmp_path):
     out = subprocess.run(
         tune_command(*ARGS, "--workers", "2"), cwd=tmp_path, env=worker_env(), capture_output=True, text=True,
@@ -41,25 +79,15 @@ def test_one_command_starts_n_workers_after_setting_the_stores_up(shared_data, m
     assert "started 2 workers" in out.stderr
     assert out.stderr.count("exited with 0") == 2, out.stderr[-4000:]
     assert _complete_trials(tmp_path) == [0, 1]
+    # The workers ran at the same time: each trial started before the other one ended.
+    first, second = _study(tmp_path).trials[:2]
+    assert first.datetime_start < second.datetime_complete and second.datetime_start < first.datetime_complete
     parents = [
         r
         for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
         if r.data.tags.get("robustflow.tune.role") == "parent"
     ]
     assert len(parents) == 1  # set up once, joined by both workers
-
-
-def test_two_commands_started_together_on_a_fresh_store_both_work(shared_data, mlflow_store, tmp_path):
-    procs = [
-        subprocess.Popen(
-            tune_command(*ARGS), cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    for proc, err in zip(procs, errs):
-        assert proc.returncode == 0, err[:3000] + "\n...\n" + err[-1500:]
-    assert _complete_trials(tmp_path) == [0, 1], "\n".join(e[-2000:] for e in errs)
 
 
 def test_setup_race_is_retried_and_other_errors_are_not():

@@ -33,7 +33,8 @@ OBJECTIVES = ("robust", "pareto")
 RUN_ATTR = "mlflow_run_id"
 VERSION_ATTR = "model_version"
 CURVE_ATTR = "curve"  # {epoch: [clean, robust]}: what the Pareto rule compares trials on
-PER_RUN_ATTRS = (RUN_ATTR, VERSION_ATTR, CURVE_ATTR, "error")
+DIVERGED_ATTR = "diverged"  # the guard's message: the trial finished by diverging (told to Optuna as PRUNED)
+PER_RUN_ATTRS = (RUN_ATTR, VERSION_ATTR, CURVE_ATTR, DIVERGED_ATTR, "error")
 PARENT_ATTR = "mlflow_parent_run_id"
 CONFIG_ATTR = "robustflow.config"  # {gin, overrides, objective}: what every worker of the study must run
 

@@ -3,7 +3,6 @@ the Pareto front's), tags naming the best trial, Optuna's plots, the summary and
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import GIN_DIR
-from pipeline.tuning.plan import CLEAN_METRIC, NOTE_TAG, RUN_ATTR, VERSION_ATTR, Plan, set_tags
+from pipeline.tuning.plan import CLEAN_METRIC, DIVERGED_ATTR, NOTE_TAG, RUN_ATTR, VERSION_ATTR, Plan, set_tags
 from pipeline.tuning.space import describe_space
 
 if TYPE_CHECKING:
@@ -50,6 +49,9 @@ class StudyReport:
         trials = self.study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+        # Diverged trials are told to Optuna as pruned; they are counted (and shown) as what they are.
+        counts["diverged"] = sum(_diverged(t) for t in trials)
+        counts["pruned"] -= counts["diverged"]
         tags = {
             "robustflow.tune.n_trials": str(p.n_trials),
             **{f"optuna.trials.{k}": str(v) for k, v in counts.items()},
@@ -91,6 +93,11 @@ class StudyReport:
         else:
             notes["best_params"] = "no completed trial yet: no best parameters"
         notes.update(self.log_plots(client, len(complete)))
+        try:  # Optuna's table needs pandas
+            table = self.study.trials_dataframe().to_csv(index=False)
+        except (ImportError, ValueError) as err:
+            table = None
+            notes["trials_csv"] = f"tuning/trials.csv not written: {type(err).__name__}: {err}"
         tags.update({f"{NOTE_TAG}.{k}": v for k, v in notes.items()})
         set_tags(client, self.parent_id, tags)
         # A note from an earlier run of the study (e.g. "needs >= 2 trials") must not outlive its cause.
@@ -101,10 +108,8 @@ class StudyReport:
         client.log_text(self.parent_id, text, "tuning/summary.md")
         # Optuna's own table, rewritten whole each time: not mlflow.log_table, which appends to an artifact of
         # the same name (every worker and every resume finalizes, so each trial would be listed again).
-        with contextlib.suppress(ImportError, ValueError):
-            client.log_text(
-                self.parent_id, self.study.trials_dataframe().to_csv(index=False), "tuning/trials.csv"
-            )
+        if table is not None:
+            client.log_text(self.parent_id, table, "tuning/trials.csv")
         print(text)
         summary["notes"] = notes
         return summary
@@ -189,8 +194,9 @@ class StudyReport:
             f"- objective: {p.objective} (maximize {', '.join(p.metric_names)}); pruner: {p.pruning.rule}",
             f"- search space: {describe_space(p.space)}"
             + (f" (pinned by --overrides: {', '.join(p.pinned)})" if p.pinned else ""),
-            f"- trials: {counts['complete'] + counts['pruned']}/{p.n_trials} finished "
-            f"({counts['complete']} complete, {counts['pruned']} pruned), {counts['fail']} failed, "
+            f"- trials: {counts['complete'] + counts['pruned'] + counts['diverged']}/{p.n_trials} finished "
+            f"({counts['complete']} complete, {counts['pruned']} pruned, {counts['diverged']} diverged), "
+            f"{counts['fail']} failed, "
             f"{counts['running']} running, "
             f"{counts['waiting']} queued",
             "",
@@ -211,7 +217,7 @@ class StudyReport:
                 if t.datetime_complete and t.datetime_start
                 else math.nan
             )
-            state = t.state.name + (" (front)" if t.number in front else "")
+            state = ("DIVERGED" if _diverged(t) else t.state.name) + (" (front)" if t.number in front else "")
             row = [str(t.number), state, *values, *params, f"{seconds:.1f}", t.user_attrs.get(RUN_ATTR, "")]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
@@ -226,8 +232,21 @@ class StudyReport:
             ]
             if front:
                 lines.append(f"Pareto front (clean, robust): trials {', '.join(map(str, sorted(front)))}")
+        finished = counts["complete"] + counts["pruned"] + counts["diverged"]
+        if counts["diverged"] and 2 * counts["diverged"] > finished:
+            lines.append(
+                f"Most trials diverged ({counts['diverged']} of {finished}): the recipe is unstable over "
+                "this search space. The `stable` profile (gradient clipping, an lr ramp; docs/stability.md) "
+                f"exists for this: `--gin {p.gin_spec},stable`."
+            )
         lines += [f"- {name}: {note}" for name, note in notes.items()]
         return "\n".join(lines) + "\n"
+
+
+def _diverged(trial: FrozenTrial) -> bool:
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.PRUNED and DIVERGED_ATTR in trial.user_attrs
 
 
 def _include_name(path: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import shutil
 import signal
 import sys
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.tuning.plan import (
     CLEAN_METRIC,
     CURVE_ATTR,
+    DIVERGED_ATTR,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
     EXIT_TRIALS_FAILING,
@@ -42,14 +44,16 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial, Trial
 
 MAX_RETRY = 2  # a trial whose worker died is queued again at most this often (it may be what kills it)
-MAX_CONSECUTIVE_FAILURES = 3  # a broken config fails every trial: stop instead of burning the budget
+# A broken config fails every trial: stop instead of burning the budget. Diverged trials are not failures
+# (a diverging recipe is an answer the study goes on from), so they never count here.
+MAX_CONSECUTIVE_FAILURES = 3
 
 
 @dataclass
 class _Outcome:
     """How a trial's training ended, before it is told to Optuna."""
 
-    state: str  # COMPLETE | PRUNED | FAIL
+    state: str  # COMPLETE | PRUNED | DIVERGED | FAIL
     values: list[float] | None = None
     run_id: str | None = None
     note: str = ""
@@ -92,6 +96,7 @@ class Tuner:
         self.storage: BaseStorage
         self.heartbeat: Heartbeat
         self.parent_id = ""
+        self.env_run: str | None = None  # the run `mlflow run` made for this process, if any
         self.checkpoints = plan.study_dir / "checkpoints"
 
     # -- setup ------------------------------------------------------------------------------------------
@@ -101,6 +106,7 @@ class Tuner:
         p = self.plan
         self.storage, self.study = open_study(p, self._on_stale)
         self.heartbeat = Heartbeat(self.storage, p.heartbeat_interval, p.grace_period, self._on_stale)
+        self.env_run = os.environ.get("MLFLOW_RUN_ID")  # open_parent_run takes it out of the environment
         self.parent_id = open_parent_run(p, self.study)
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -131,6 +137,18 @@ class Tuner:
         finally:
             mlflow.end_run(status)
             restore()
+            self._keep_status(status)
+
+    def _keep_status(self, status: str) -> None:
+        """Under ``mlflow run``: end the wrapper's run as this worker ended (KILLED on SIGTERM) and keep that
+        status, which the wrapper would overwrite with FAILED or FINISHED as it exits."""
+        import mlflow
+
+        from pipeline.run_status import keep_current_status
+
+        if self.env_run and self.env_run != self.parent_id:  # a worker that joined another parent run
+            mlflow.MlflowClient().set_terminated(self.env_run, status)
+        keep_current_status(self.env_run)
 
     def _loop(self, stop: StopFlag) -> int:
         failures = 0
@@ -197,7 +215,7 @@ class Tuner:
         with self.heartbeat.keep_alive(trial._trial_id):
             outcome = self._train(trial, stop)
         try:
-            if outcome.state == "PRUNED":
+            if outcome.state in ("PRUNED", "DIVERGED"):
                 frozen = self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             elif outcome.state == "COMPLETE":
                 frozen = self.study.tell(trial, outcome.values)  # a NaN value makes it FAIL
@@ -210,7 +228,7 @@ class Tuner:
                 file=sys.stderr,
             )
             return "FAIL"
-        state = frozen.state.name
+        state = "DIVERGED" if outcome.state == "DIVERGED" else frozen.state.name
         if outcome.requeue:
             mark_run(outcome.run_id, state, outcome.note)
             self._requeue(frozen, outcome.note)
@@ -263,10 +281,11 @@ class Tuner:
             note = "worker interrupted (Ctrl-C)"
             return _Outcome("FAIL", run_id=hooks.run_id, note=note, requeue=True, interrupted=True)
         except TrainingDivergedError as err:
-            # Not queued again: the same parameters would diverge the same way. The study goes on.
+            # A finished trial: its parameters have an answer (they diverge). Told to Optuna as pruned (a
+            # trial stopped early for being bad), marked DIVERGED with the reason; not queued again.
             error = f"diverged: {err}"[:1000]
-            trial.set_user_attr("error", error)
-            return _Outcome("FAIL", run_id=hooks.run_id, note=error)
+            trial.set_user_attr(DIVERGED_ATTR, error)
+            return _Outcome("DIVERGED", run_id=hooks.run_id, note=error)
         except Exception as err:
             traceback.print_exc()
             error = f"{type(err).__name__}: {err}"[:1000]
