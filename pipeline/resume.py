@@ -1,9 +1,9 @@
 """Resuming a run safely: refuse a config that differs from the run's own, and refuse a finished run.
 
 A resumed run must train on the config its record says it trained on: its parameters, its
-``robustflow.overrides`` tag and ``config/config.gin`` are what a reader (and the registry's model card)
-trusts. So before any work the resumed config is compared with what the run logged, and any difference is
-refused with the differing bindings listed. A FINISHED run has nothing to resume: opening it again would
+``robustflow.overrides`` tag and ``config/operative_config.txt`` are what a reader (and the registry's model
+card) trusts. So before any work the resumed config is compared with what the run logged, and any difference
+is refused with the differing bindings listed. A FINISHED run has nothing to resume: opening it again would
 log its test metrics a second time, register a duplicate model version and stretch its duration, so that
 is refused too. Both checks run before ``mlflow.start_run`` touches the run (which would mark it RUNNING).
 """
@@ -21,7 +21,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import ConfigError
-from pipeline.tracking import MAX_PARAM_LENGTH, STARTED_TAG
+from pipeline.tracking import CONFIG_ARTIFACT, MAX_PARAM_LENGTH, STARTED_TAG
 
 # Where the run trains is not part of what it trains: a run killed on one machine may resume on another
 # (its checkpoint is downloaded from the run's artifacts), so the device binding is not compared.
@@ -29,7 +29,6 @@ IGNORED_BINDINGS = frozenset({"DataModule.device"})
 # Parameters that ``mlflow run`` logs for the entry point itself (not gin bindings) and the data summary,
 # which describes the data on disk rather than the config.
 _NON_GIN_PARAMS = frozenset({"gin", "overrides", "device", "nproc"})
-CONFIG_ARTIFACT = "config/config.gin"
 
 
 class ResumeError(ConfigError):
@@ -68,7 +67,7 @@ def check_resume(
 
     Returns whether this is a resume (the run already trained); a run ``mlflow run`` has just created, or no
     run at all, is a fresh start and passes. ``flat_params`` are the gin bindings as ``flat_parameters``
-    gives them, ``overrides`` the override bindings, ``config_text`` ``gin.config_str()``.
+    gives them, ``overrides`` the override bindings, ``config_text`` ``tracking.full_config_text()``.
     """
     if run_id is None:
         return False
@@ -91,7 +90,7 @@ def check_resume(
         listed = "\n".join(f"  - {line}" for line in differences)
         raise ResumeError(
             f"run {run_id} was trained with a different config; resuming it with this one would leave its "
-            f"parameters, overrides tag and config/config.gin untrue. Differences (run's value -> now):\n"
+            f"parameters, overrides tag and {CONFIG_ARTIFACT} untrue. Differences (run's value -> now):\n"
             f"{listed}\n"
             f"Resume with the run's own config (gin={run.data.tags.get('robustflow.gin', '?')!r}, "
             f"overrides={run.data.tags.get('robustflow.overrides', '')!r}), or start a new run."
