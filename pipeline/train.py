@@ -223,6 +223,7 @@ def train_experiment(
         run_id = run.info.run_id
         ckpt_dir = Path(output_dir) / run_id
         resume_from = fetch_resume_checkpoint(run_id, ckpt_dir) if run_was_started(run_id) else None
+        datasets = None  # the splits' facts (size, digest) for the card; logged as inputs on a fresh start
         if dist.is_distributed():
             dist.broadcast_object((run_id, resume_from))  # the other ranks wait for this in _follow
         if resume_from is not None:
@@ -241,7 +242,7 @@ def train_experiment(
             log_params({f"data.{k}": v for k, v in exp.data.summary().items()})
             # The one config file (the operative config plus what it did not call), previewable in the UI.
             mlflow.log_text(full_config_text(), CONFIG_ARTIFACT)
-            log_data_inputs(exp.data, ("train", "validation", "test"))
+            datasets = log_data_inputs(exp.data, ("train", "validation", "test"))
             if not nested:  # a tune trial is named by the tuner
                 name_and_file(run_id, name, model_name)
 
@@ -293,8 +294,7 @@ def train_experiment(
             # test_metrics left the best checkpoint's weights in the target: that is what gets registered.
             uri = log_model(exp.graph.target, exp.data.image_shape, name=model_name)
             config_text = full_config_text()
-
-            datasets = describe(exp.data, ("train", "validation", "test"))
+            datasets = datasets or describe(exp.data, ("train", "validation", "test"))
 
             def card(version: str | None) -> str:
                 return model_card(
