@@ -231,19 +231,13 @@ def _quiet_downloads() -> Iterator[None]:
 
 
 def _download_config(run_id: str, dst: str) -> Path:
-    """The run's config file: ``config/operative_config.txt``, or ``config/config.gin`` of older runs."""
+    """The run's config file: ``config/operative_config.txt``; runs logged before it was the one config
+    artifact have ``config/config.gin`` (their ``operative_config.txt`` lacks ``MODEL_NAME``)."""
     from pipeline.tracking import CONFIG_ARTIFACT
 
-    try:
-        return Path(
-            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONFIG_ARTIFACT, dst_path=dst)
-        )
-    except (MlflowException, OSError):
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="config/config.gin", dst_path=dst
-            )
-        )
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "config")}
+    path = "config/config.gin" if "config/config.gin" in logged else CONFIG_ARTIFACT
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst))
 
 
 def load_model(model_uri: str, device: str | torch.device = "cpu") -> nn.Module:
