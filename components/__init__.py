@@ -11,6 +11,7 @@ from components import (  # noqa: F401  (imported for gin registration)
     experiment,
     graph,
     losses,
+    method,
     optim,
     schedules,
     training,

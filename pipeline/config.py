@@ -52,7 +52,8 @@ def resolve_gin_files(spec: str) -> list[Path]:
     files = []
     for name in names:
         as_path = Path(name)
-        if as_path.suffix == ".gin" and as_path.is_file():
+        # A run's config artifact (config/operative_config.txt, previewable in the UI) is a gin file too.
+        if as_path.suffix in (".gin", ".txt") and as_path.is_file():
             files.append(as_path.resolve())
             continue
         candidate = GIN_DIR / f"{as_path.stem if as_path.suffix == '.gin' else name}.gin"

@@ -6,8 +6,11 @@
 Model URIs: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run_id>/model``. The model
 is rebuilt from its training run (gin config + weights-only checkpoint) and evaluated on the test split
 of the dataset it was trained on. The evaluation is its own MLflow run in the training run's experiment,
-tagged with the training run's id; it logs ``test/*`` metrics for each eps, the checks' flags, a
-RobustBench-style JSON, a markdown table and a plot of accuracy against eps.
+named after what it evaluated (``eval d2r_cag_cifar10/v3 quick``: an alias is resolved to its version when
+the evaluation starts, and the version is a parameter and a tag), tagged with the training run's id; it
+logs ``eval/n<N>/*`` metrics (see ``pipeline.model_results``), the test split it read as a dataset input,
+the checks' flags, a RobustBench-style JSON, a markdown table and, for ``paper`` and ``full``, a plot of
+accuracy against eps.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ import mlflow  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.model_results import log_results  # noqa: E402
+from pipeline.data_inputs import log_data_inputs  # noqa: E402
+from pipeline.model_results import evaluated_model, log_results  # noqa: E402
 from pipeline.registry import load_model, run_of  # noqa: E402
-from pipeline.tracking import configure_tracking  # noqa: E402
+from pipeline.tracking import configure_tracking, log_params, scrub, scrub_source_tags  # noqa: E402
 from pipeline.train import EXIT_USAGE, resolve_device  # noqa: E402
 
 EVALUATES_TAG = "robustflow.evaluates_run"
@@ -67,7 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None, help="data root (default: $ROBUSTFLOW_DATA, else ./data)")
-    parser.add_argument("--no-curve", action="store_true", help="skip the PGD-20 accuracy-vs-eps curve")
+    parser.add_argument(
+        "--no-curve",
+        action="store_true",
+        help="skip the PGD-20 accuracy-vs-eps curve of `paper` (quick has none)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output-dir",
@@ -81,9 +89,10 @@ def accuracy_vs_eps_figure(report) -> plt.Figure:  # noqa: ANN001  (an EvalRepor
     """Accuracy against eps (in units of 1/255) for clean, each attack and the worst case."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in report.accuracy_vs_eps().items():
-        if len(points) > 1 or name == "clean":
-            xs, ys = zip(*points)
-            ax.plot([x * 255 for x in xs], ys, marker="o", label=name)
+        xs, ys = zip(*points)
+        # A series measured at one radius is a point, not a line (C&W at 8/255 beside the PGD-20 curve).
+        style = {"marker": "o"} if len(points) > 1 else {"marker": "s", "linestyle": "none"}
+        ax.plot([x * 255 for x in xs], ys, label=name, **style)
     ax.set_xlabel("eps (x 1/255)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -91,6 +100,23 @@ def accuracy_vs_eps_figure(report) -> plt.Figure:  # noqa: ANN001  (an EvalRepor
     ax.set_title(f"{report.suite or 'evaluation'} on {report.n_examples} test images")
     fig.tight_layout()
     return fig
+
+
+def robustbench_entry(report, evaluated, train_run, model_uri: str) -> dict:  # noqa: ANN001
+    """RobustBench's ``model_info`` entry with what the registry knows (name, architecture, dataset)."""
+    params = train_run.data.params
+    arch = params.get("TARGET_BACKBONE") or params.get("target/build_backbone.name", "")
+    entry = report.to_robustbench_json(
+        name=evaluated.label,
+        method=params.get("method_info.name", ""),
+        architecture=str(arch).strip("'"),
+        dataset=params.get("data.dataset", ""),
+        model_uri=evaluated.pinned_uri,
+        model_uri_given=model_uri,
+    )
+    entry["attacks"] = dict(report.attacks)
+    entry["n_examples"] = report.n_examples
+    return json.loads(scrub(json.dumps(entry)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,14 +148,18 @@ def main(argv: list[str] | None = None) -> int:
             device=str(device),
         )
         data.check()
-        model = load_model(args.model_uri, device)
+        evaluated = evaluated_model(args.model_uri, train_run_id)  # the version the alias points at now
+        model = load_model(evaluated.pinned_uri if evaluated.version else args.model_uri, device)
     except (ConfigError, DataNotFoundError, ValueError, MlflowException) as err:
         print(f"robustflow evaluate: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
     suite = get_suite(args.suite, eps=eps_list[0], with_0031=False)
     suite.eps_list = tuple(eps_list)
-    if not args.no_curve and "pgd20" in suite.attacks and not suite.curve_eps:
+    # The curve costs a PGD-20 per radius: `paper` gets it (and `full` has its own); `quick` stays quick.
+    if args.no_curve:
+        suite.curve_eps, suite.curve_attacks = (), ()
+    elif args.suite == "paper" and not suite.curve_eps:
         suite.curve_eps, suite.curve_attacks = CURVE_EPS, ("pgd20",)
     report = suite.run(model, data.test_loader(), progress=True, seed=args.seed)
 
@@ -140,30 +170,37 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "results.md").write_text(table)
     (out_dir / "flags.txt").write_text("\n".join(report.flags) + ("\n" if report.flags else "no flags\n"))
     (out_dir / "robustbench.json").write_text(
-        json.dumps(report.to_robustbench_json(model_uri=args.model_uri), indent=2)
+        json.dumps(robustbench_entry(report, evaluated, train_run, args.model_uri), indent=2)
     )
     (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    figure = accuracy_vs_eps_figure(report)
-    figure.savefig(out_dir / "accuracy_vs_eps.png", dpi=120)
-    plt.close(figure)
+    if suite.curve_eps:
+        figure = accuracy_vs_eps_figure(report)
+        figure.savefig(out_dir / "accuracy_vs_eps.png", dpi=120)
+        plt.close(figure)
 
     # Under `mlflow run` this continues the run it created (MLFLOW_RUN_ID), which already holds the entry
     # point's own parameters (model_uri, suite, eps, n): ours are namespaced so they never collide.
-    with mlflow.start_run(experiment_id=train_run.info.experiment_id, run_name=f"evaluate-{args.suite}"):
-        mlflow.set_tags(
-            {
-                EVALUATES_TAG: train_run_id,
-                "robustflow.model_uri": args.model_uri,
-                "robustflow.suite": args.suite,
-            }
-        )
-        mlflow.log_params(
-            {"eval.model_uri": args.model_uri, "eval.suite": args.suite, "eval.eps": args.eps,
-             "eval.n_examples": report.n_examples, "eval.seed": args.seed}
+    name = f"eval {evaluated.label} {args.suite}"
+    with mlflow.start_run(experiment_id=train_run.info.experiment_id, run_name=name) as run:
+        client = mlflow.MlflowClient()
+        if client.get_run(run.info.run_id).info.run_name != name:  # `mlflow run` named it already
+            client.set_tag(run.info.run_id, "mlflow.runName", name)
+        pinned = {
+            "robustflow.model_uri": evaluated.pinned_uri,
+            "robustflow.model_uri_given": args.model_uri,
+            "robustflow.model_version": evaluated.version.version if evaluated.version else "",
+        }
+        mlflow.set_tags({EVALUATES_TAG: train_run_id, "robustflow.suite": args.suite, **pinned})
+        scrub_source_tags(run.info.run_id)
+        log_params(
+            {"eval.model_uri": evaluated.pinned_uri, "eval.model_uri_given": args.model_uri,
+             "eval.model_version": pinned["robustflow.model_version"], "eval.model_id": evaluated.model_id,
+             "eval.suite": args.suite, "eval.eps": args.eps, "eval.n_examples": report.n_examples,
+             "eval.seed": args.seed, **{f"eval.attack.{k}": v for k, v in report.attacks.items()}}
         )  # fmt: skip
-        # Against the evaluated model too: its page and its registered version show the numbers.
-        metrics = report.to_metrics(prefix="test/", primary_eps=eps_list[0])
-        log_results(report, metrics, eps_list, args.model_uri, train_run_id)
+        log_data_inputs(data, ("test",))
+        # Against the evaluated model too: its page, its registered version and its card show the numbers.
+        log_results(report, eps_list, evaluated, suite.curve_eps)
         mlflow.log_artifacts(str(out_dir), "evaluation")
     print(table)
     for flag in report.flags:

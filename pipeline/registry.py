@@ -17,18 +17,22 @@ Two ways back to a model:
   config and loads the weights with ``torch.load(weights_only=True)``; nothing is unpickled.
 * ``mlflow.pytorch.load_model(uri)``: the model is logged in MLflow's default ``pt2`` (torch.export)
   format, which loads without unpickling; what comes back is a differentiable ``GraphModule`` exported
-  in eval mode, on which torch does not support calling ``.eval()``.
+  in eval mode, on which torch does not support calling ``.eval()``. Its ``.training`` attribute reads
+  ``True`` all the same: torch's loader builds a fresh ``GraphModule`` (an ``nn.Module`` defaults to
+  training) and nothing stored in the archive can change that; the graph computes eval mode (BatchNorm
+  running statistics, no dropout) whatever the attribute says.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -44,6 +48,10 @@ SCORE_TAG = "val_pgd20_acc"
 CHECKS_TAG = "robustflow.checks"
 REFUSED_TAG = "robustflow.registration"
 MODEL_ARTIFACT = "model"
+# The step the logged model is filed at in its run. MLflow links every run metric logged at the model's
+# step to the model (system metrics, the run's own test split at step 0); no metric is ever logged at a
+# negative step, so the model's metrics are only what ``evaluate`` logs against it.
+MODEL_STEP = -1
 T = TypeVar("T")
 
 
@@ -73,6 +81,7 @@ def log_model(model: nn.Module, input_shape: tuple[int, ...], name: str = MODEL_
             name=name,
             input_example=example,
             serialization_format="pt2",
+            step=MODEL_STEP,
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
         )
     finally:
@@ -144,8 +153,13 @@ def _with_retries(call: Callable[[], T], attempts: int = 5) -> T:
     raise AssertionError("unreachable")
 
 
-def register(run_id: str, name: str, model_uri: str, score: float, card: str) -> Registered | None:
+def register(
+    run_id: str, name: str, model_uri: str, score: float, card: str | Callable[[str], str]
+) -> Registered | None:
     """Register ``model_uri`` as a new version of ``name`` and apply the champion rule.
+
+    ``card`` is the version's description, or a function of the new version's number that returns it
+    (the card names the version in its commands); it is also logged to the run as ``model_card.md``.
 
     Call it after the run ended: a run that is not FINISHED, or fails any other check of
     ``pipeline.trust.untrustworthy``, is refused (``None``, a log line and a tag on the run say why).
@@ -164,7 +178,10 @@ def register(run_id: str, name: str, model_uri: str, score: float, card: str) ->
     # creates the registered model on first use, tolerating another worker creating it at the same moment.
     tags = {SCORE_TAG: repr(score), CHECKS_TAG: "passed"}
     version = _with_retries(lambda: mlflow.register_model(model_uri, name, tags=tags))
-    client.update_model_version(name, version.version, description=card)
+    text = card(str(version.version)) if callable(card) else card
+    client.update_model_version(name, version.version, description=text)
+    with contextlib.suppress(MlflowException, OSError):
+        client.log_text(run_id, text, "model_card.md")
     if not client.get_registered_model(name).description:
         client.update_registered_model(name, description=REGISTERED_DESCRIPTION.format(name=name))
     champion = settle_champion(name)
@@ -200,6 +217,29 @@ def _eval_model_name() -> str:
         return "target"
 
 
+@contextlib.contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """MLflow's download progress bars only on a terminal: in a log file each redraw would be a line."""
+    if sys.stderr.isatty() or "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" in os.environ:
+        yield
+        return
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+
+
+def _download_config(run_id: str, dst: str) -> Path:
+    """The run's config file: ``config/operative_config.txt``; runs logged before it was the one config
+    artifact have ``config/config.gin`` (their ``operative_config.txt`` lacks ``MODEL_NAME``)."""
+    from pipeline.tracking import CONFIG_ARTIFACT
+
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "config")}
+    path = "config/config.gin" if "config/config.gin" in logged else CONFIG_ARTIFACT
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst))
+
+
 def load_model(model_uri: str, device: str | torch.device = "cpu") -> nn.Module:
     """The real ``nn.Module`` behind a registry URI, rebuilt from its run's gin config, in eval mode.
 
@@ -212,12 +252,8 @@ def load_model(model_uri: str, device: str | torch.device = "cpu") -> nn.Module:
     from pipeline.config import load_config
 
     run_id = run_of(model_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="config/config.gin", dst_path=tmp
-            )
-        )
+    with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
+        config = _download_config(run_id, tmp)
         best = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="checkpoints/best.pt", dst_path=tmp
         )

@@ -1,15 +1,15 @@
 """Resuming a run safely: the run's own config, never a finished or foreign run, never a silent restart.
 
 A resumed run must train on the config its record says it trained on: its parameters, its
-``robustflow.overrides`` tag and ``config/config.gin`` are what a reader (and the registry's model card)
-trusts. So before any work the resumed config is compared with what the run logged, and any difference is
-refused with the differing bindings listed. A FINISHED run (any, not only robustflow's) has nothing to
+``robustflow.overrides`` tag and ``config/operative_config.txt`` are what a reader (and the registry's model
+card) trusts. So before any work the resumed config is compared with what the run logged, and any difference
+is refused with the differing bindings listed. A FINISHED run (any, not only robustflow's) has nothing to
 resume: opening it again would log its test metrics a second time, register a duplicate model version and
 stretch its duration. A run that robustflow did not start for this experiment (an evaluation run, another
-experiment's run) is refused too: training into it would mix two records. And the checkpoint is fetched
-before the run is opened: a download error is an error, not "no checkpoint" (which would train from epoch 1
-inside a run that already logged epochs). All of this runs before ``mlflow.start_run`` touches the run
-(which would mark it RUNNING).
+experiment's run) is refused too: training into it would mix two records. And the checkpoint is fetched before
+the run is opened: a download error is an error, not "no checkpoint" (which would train from epoch 1 inside a
+run that already logged epochs). All of this runs before ``mlflow.start_run`` touches the run (which would
+mark it RUNNING).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import ConfigError
-from pipeline.tracking import CHECKPOINT_ARTIFACT_DIR, MAX_PARAM_LENGTH, STARTED_TAG
+from pipeline.tracking import CHECKPOINT_ARTIFACT_DIR, CONFIG_ARTIFACT, MAX_PARAM_LENGTH, STARTED_TAG
 
 # Where the run trains is not part of what it trains: a run killed on one machine may resume on another
 # (its checkpoint is downloaded from the run's artifacts), so the device binding is not compared.
@@ -35,7 +35,6 @@ IGNORED_BINDINGS = frozenset({"DataModule.device"})
 # Parameters that ``mlflow run`` logs for the entry point itself (not gin bindings) and the data summary,
 # which describes the data on disk rather than the config.
 _NON_GIN_PARAMS = frozenset({"gin", "overrides", "device", "nproc"})
-CONFIG_ARTIFACT = "config/config.gin"
 
 
 class ResumeError(ConfigError):
@@ -78,7 +77,8 @@ def check_resume(
 
     Returns whether this is a resume (the run already trained); a run ``mlflow run -e train`` has just
     created, or no run at all, is a fresh start and passes. ``flat_params`` are the gin bindings as
-    ``flat_parameters`` gives them, ``overrides`` the override bindings, ``config_text`` ``gin.config_str()``,
+    ``flat_parameters`` gives them, ``overrides`` the override bindings, ``config_text``
+    ``tracking.full_config_text()``,
     ``experiment`` the experiment's name (the run must have been started for it).
     """
     if run_id is None:
@@ -118,7 +118,7 @@ def check_resume(
         listed = "\n".join(f"  - {line}" for line in differences)
         raise ResumeError(
             f"run {run_id} was trained with a different config; resuming it with this one would leave its "
-            f"parameters, overrides tag and config/config.gin untrue. Differences (run's value -> now):\n"
+            f"parameters, overrides tag and {CONFIG_ARTIFACT} untrue. Differences (run's value -> now):\n"
             f"{listed}\n"
             f"Resume with the run's own config (gin={run.data.tags.get('robustflow.gin', '?')!r}, "
             f"overrides={run.data.tags.get('robustflow.overrides', '')!r}), or start a new run."

@@ -2,8 +2,9 @@
 
 A researcher opening a run should see at once which method and config it is (the run name is the gin
 spec plus shortened overrides), find it in the experiment named after its model (``MODEL_NAME``), read
-the operative config (as the run description and as a previewable ``.txt`` artifact) and see metrics
-grouped in sections (``train/``, ``val/``, ``test/``, ``perf/``).
+the method and the operative config (as the run description and as the run's one config artifact,
+``config/operative_config.txt``, which the UI previews) and see metrics grouped in sections (``train/``,
+``val/``, ``test/``, ``perf/``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Mapping
 import gin
 import mlflow
 
+from pipeline.tracking import CONFIG_ARTIFACT, scrub
+
 RUN_NAME_LIMIT = 90
 # Per-epoch numbers that describe speed and schedule rather than the model: one `perf/` section in the UI.
 PERF_METRICS = {
@@ -21,7 +24,6 @@ PERF_METRICS = {
     "epoch_time_s": "perf/epoch_time_s",
     "train/images_per_s": "perf/images_per_s",
 }
-OPERATIVE_TXT = "config/operative_config.txt"
 DESCRIPTION_LIMIT = 8000
 
 
@@ -81,11 +83,16 @@ def grouped(metrics: Mapping[str, float]) -> dict[str, float]:
     }
 
 
-def log_operative_config(operative: str) -> None:
-    """The operative config as a previewable ``.txt`` artifact and as the run's description (markdown)."""
-    mlflow.log_text(operative, OPERATIVE_TXT)
-    note = "Operative gin config (what the run actually used):\n\n" + gin.markdown(operative)
+def log_operative_config(config: str) -> None:
+    """The run's config as its one artifact (``config/operative_config.txt``, previewable) and, after a
+    line naming the method, as the run's description (markdown, machine paths scrubbed)."""
+    from components.method import declared_method
+
+    mlflow.log_text(config, CONFIG_ARTIFACT)
+    method = declared_method()
+    head = f"**{method.name}** ({method.paper}): {method.summary}\n\n" if method else ""
+    note = scrub(head + "Operative gin config (what the run actually used):\n\n" + gin.markdown(config))
     if len(note) > DESCRIPTION_LIMIT:  # MLflow's limit on a tag value; the artifact keeps it whole
-        tail = f"\n\n... cut here; the whole config is the artifact `{OPERATIVE_TXT}`."
+        tail = f"\n\n... cut here; the whole config is the artifact `{CONFIG_ARTIFACT}`."
         note = note[: DESCRIPTION_LIMIT - len(tail)] + tail
     mlflow.set_tag("mlflow.note.content", note)

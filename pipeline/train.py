@@ -31,12 +31,12 @@ from pipeline.config import (
     ConfigError,
     LoadedConfig,
     available_configs,
-    flat_parameters,
     load_config,
     macro,
     resolve_device,
     without_flag,
 )
+from pipeline.data_inputs import describe, log_data_inputs
 from pipeline.model_card import model_card
 from pipeline.outputs import default_output_dir, remove_logged_checkpoints
 from pipeline.plots import training_curves
@@ -45,11 +45,17 @@ from pipeline.resume import ResumeError, check_resume, resume_checkpoint, resume
 from pipeline.run_page import grouped, log_operative_config, name_and_file, run_name
 from pipeline.run_status import keep_current_status, stop_with_wrapper
 from pipeline.tracking import (
+    CONFIG_ARTIFACT,
     FAILURE_TAG,
     STARTED_TAG,
     configure_tracking,
+    full_config_text,
     log_checkpoints,
+    log_new_params,
     log_params,
+    run_params,
+    scrub,
+    scrub_source_tags,
     start_run,
 )
 
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     target = resume_target(args.run_id)
     try:  # before start_run, which would mark a finished run RUNNING again
         resuming = check_resume(
-            target, flat_parameters(), loaded.overrides, gin.config_str(), experiment=loaded.experiment
+            target, run_params(), loaded.overrides, full_config_text(), experiment=loaded.experiment
         )
         resume_from = resume_checkpoint(target, Path(args.output_dir) / target) if resuming else None
     except ResumeError as err:
@@ -234,12 +240,12 @@ def train_experiment(
     from components.training import TrainingInterruptedError
 
     model_name = macro("MODEL_NAME", loaded.experiment)
-    config_text = gin.config_str()
-    name = run_name(gin_spec, loaded.overrides)
+    name = scrub(run_name(gin_spec, loaded.overrides))
     run_ctx = mlflow.start_run(nested=True) if nested else start_run(model_name, run_id, run_name=name)
     with run_ctx as run:
         run_id = run.info.run_id
         ckpt_dir = Path(output_dir) / run_id
+        datasets = None  # the splits' facts (size, digest) for the card; logged as inputs on a fresh start
         if dist.is_distributed():
             dist.broadcast_object((run_id, resume_from))  # the other ranks wait for this in _follow
         if resume_from is not None:
@@ -248,14 +254,17 @@ def train_experiment(
             mlflow.set_tags(
                 {
                     STARTED_TAG: loaded.experiment,
-                    "robustflow.gin": gin_spec,
-                    "robustflow.overrides": "; ".join(loaded.overrides),
+                    "robustflow.gin": scrub(gin_spec),
+                    "robustflow.overrides": scrub("; ".join(loaded.overrides)),
                     "robustflow.model_name": model_name,
                 }
             )
-            log_params(flat_parameters())
+            scrub_source_tags(run_id)
+            log_params(run_params())
             log_params({f"data.{k}": v for k, v in exp.data.summary().items()})
-            mlflow.log_text(config_text, "config/config.gin")
+            # The one config file (the operative config plus what it did not call), previewable in the UI.
+            mlflow.log_text(full_config_text(), CONFIG_ARTIFACT)
+            datasets = log_data_inputs(exp.data, ("train", "validation", "test"))
             if not nested:  # a tune trial is named by the tuner
                 name_and_file(run_id, name, model_name)
 
@@ -288,8 +297,9 @@ def train_experiment(
             mlflow.set_tags({FAILURE_TAG: str(err)[:5000], "robustflow.diverged": "true"})
             mlflow.end_run(status="FAILED")
             raise
-        mlflow.log_text(gin.operative_config_str(), "config/operative.gin")
-        log_operative_config(gin.operative_config_str())
+        # Configurables first called while training (the optimizer, the validation attack) join now.
+        log_new_params(run_params())
+        log_operative_config(full_config_text())
         selection = exp.trainer.selection_metric
         best_score = float(result.best[selection])
         test = test_metrics(exp, result.best_checkpoint)
@@ -305,11 +315,15 @@ def train_experiment(
         if register_model:
             # test_metrics left the best checkpoint's weights in the target: that is what gets registered.
             uri = log_model(exp.graph.target, exp.data.image_shape, name=model_name)
-            card = model_card(
-                run_id, model_name, best_score, exp.data.summary(), config_text,
-                device=exp.data.device, val_steps=exp.trainer.val_steps,
-            )  # fmt: skip
-            mlflow.log_text(card, "model_card.md")
+            config_text = full_config_text()
+            datasets = datasets or describe(exp.data, ("train", "validation", "test"))
+
+            def card(version: str | None) -> str:
+                return model_card(
+                    run_id, model_name, best_score, exp, config_text, datasets=datasets, version=version
+                )
+
+            mlflow.log_text(card(None), "model_card.md")
         print(f"robustflow: run {run_id} finished (experiment {model_name})", file=sys.stderr)
     registered = None
     if register_model:  # after the run ended: the registry only takes FINISHED runs

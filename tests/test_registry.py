@@ -172,7 +172,10 @@ def test_evaluate_finds_the_logged_model_and_version_behind_every_uri_form(mlflo
     reg = register(run_id, "e", uri, 0.4, card="c")
     model_id = uri.removeprefix("models:/")
     for form in ("models:/e@champion", f"models:/e/{reg.version}", f"runs:/{run_id}/model"):
-        found_id, version = evaluated_model(form, run_id)
-        assert found_id == model_id and str(version.version) == reg.version == "2", form
+        found = evaluated_model(form, run_id)
+        assert found.model_id == model_id and str(found.version.version) == reg.version == "2", form
+        assert found.pinned_uri == "models:/e/2" and found.label == "e/v2", form
     lone, lone_uri = _dummy_run()  # logged but never registered: the model, no version
-    assert evaluated_model(f"runs:/{lone}/model", lone) == (lone_uri.removeprefix("models:/"), None)
+    found = evaluated_model(f"runs:/{lone}/model", lone)
+    assert (found.model_id, found.version) == (lone_uri.removeprefix("models:/"), None)
+    assert found.pinned_uri == f"runs:/{lone}/model"

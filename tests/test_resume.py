@@ -72,6 +72,18 @@ def _unreachable(*args, **kwargs):
     raise MlflowException("artifact store unreachable (503)")
 
 
+def _unreachable_under(prefix: str):
+    """``mlflow.artifacts.download_artifacts`` that fails for artifacts under ``prefix`` only."""
+    original = mlflow.artifacts.download_artifacts
+
+    def download(*args, **kwargs):
+        if str(kwargs.get("artifact_path", "")).startswith(prefix):
+            _unreachable()
+        return original(*args, **kwargs)
+
+    return download
+
+
 @pytest.mark.slow
 def test_resume_with_a_different_config_is_refused_listing_the_bindings(
     shared_data, mlflow_store, tmp_path, capsys, monkeypatch
@@ -94,11 +106,18 @@ def test_resume_with_a_different_config_is_refused_listing_the_bindings(
     shutil.rmtree(tmp_path / "outputs" / run_id)
     same = ["--gin", GIN, "--overrides", OVERRIDES, "--device", "cpu", "--run-id", run_id]
     with monkeypatch.context() as broken:
-        broken.setattr(mlflow.artifacts, "download_artifacts", _unreachable)
+        broken.setattr(mlflow.artifacts, "download_artifacts", _unreachable_under("checkpoints"))
         assert main(same) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "downloading its checkpoint checkpoints/last.pt failed" in err and "store unreachable" in err, err
     assert "resuming run" not in err and _record(run_id) == before, "a failed download changed the run"
+    # Reading the run's config to compare fails the same way: exit 2 with the reason, not a skipped check.
+    with monkeypatch.context() as broken:
+        broken.setattr(mlflow.artifacts, "download_artifacts", _unreachable)
+        assert main(same) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "to compare configs failed" in err and "store unreachable" in err, err
+    assert "resuming run" not in err and _record(run_id) == before, "a failed config read changed the run"
     # The same config still resumes from the run's artifacts (the check compares like with like) and
     # finishes the run.
     assert main(same) == 0

@@ -56,12 +56,13 @@ def test_run_and_model_pages_tell_what_was_trained_and_how(trained_store, shared
     assert "SoftLabelKLObjective.soft_label_model = 'guide'" in run.data.tags["mlflow.note.content"]
     # The model card on the registered version: threat model, code, data, hardware; no local path.
     card = client.get_model_version("d2r_cag_cifar10", "1").description
-    for line in ("**Threat model**: L-inf, eps = 8/255", "PGD-20", "**Code**: commit `", "**Hardware**: cpu"):
+    for line in ("L-inf in pixel space", "PGD-20, eps 8/255", "code commit `", "cpu: "):
         assert line in card, line
-    assert "split sizes: train 128, val 64, test 64" in card and f"at epoch {best_epoch}" in card
+    assert "train 128 images" in card and "validation 64 images" in card and "test 64 images" in card
+    assert f"Epoch **{best_epoch}** of" in card
     assert str(shared_data) not in card, card
     # PostgreSQL stores a version description in VARCHAR(5000) (sqlite lets longer ones through).
-    assert len(card) <= 5000 and "## Gin config" in card
+    assert len(card) <= 5000 and "## Operative config" in card
 
 
 @pytest.mark.slow

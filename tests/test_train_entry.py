@@ -57,12 +57,10 @@ def test_train_d2r_cag_smoke_end_to_end(trained_store):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert artifacts == {"checkpoints/last.pt", "checkpoints/best.pt"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {
-        "config/config.gin",
-        "config/operative.gin",
-        "config/operative_config.txt",
+        "config/operative_config.txt"
     }
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/training_curves.png"}
-    operative = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config/operative.gin")
+    operative = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config/operative_config.txt")
     assert "SoftLabelKLObjective.soft_label_model = 'guide'" in operative
     last = load_checkpoint(
         mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/checkpoints/last.pt")

@@ -54,17 +54,24 @@ def pgd_eval_attack(
     for _ in range(restarts):
         delta = torch.empty_like(x).uniform_(-eps, eps)
         delta = (x + delta).clamp(0, 1) - x
+        # With early stop a fooled example's delta never moves again, and an eval-mode model scores each
+        # example on its own, so it stays fooled: later steps run on the examples still correct only
+        # (the same adversarial examples; a weak model's batch shrinks to a few examples in a few steps).
+        # The loss is a mean over the examples run, and only its gradient's sign is used.
+        idx = torch.arange(x.shape[0], device=x.device)
         for _ in range(steps):
-            delta.requires_grad_(True)
-            logits = model(x + delta)
-            active = logits.argmax(1) == y if early_stop else torch.ones_like(y, dtype=torch.bool)
-            (grad,) = torch.autograd.grad(loss_fn(logits, y), delta)
-            stepped = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
-            stepped = (x + stepped).clamp(0, 1) - x
-            delta = torch.where(active[:, None, None, None], stepped, delta.detach())
-            # METHODS 1.5: the loop breaks once every example is fooled (same result, fewer forwards).
-            if early_stop and not active.any():
-                break
+            xs, ys, d = x[idx], y[idx], delta[idx].requires_grad_(True)
+            logits = model(xs + d)
+            active = logits.argmax(1) == ys if early_stop else torch.ones_like(ys, dtype=torch.bool)
+            (grad,) = torch.autograd.grad(loss_fn(logits, ys), d)
+            stepped = (d.detach() + step_size * grad.sign()).clamp(-eps, eps)
+            stepped = (xs + stepped).clamp(0, 1) - xs
+            delta[idx] = torch.where(active[:, None, None, None], stepped, d.detach())
+            if early_stop:
+                idx = idx[active]
+                # METHODS 1.5: the loop breaks once every example is fooled (same result, fewer forwards).
+                if idx.numel() == 0:
+                    break
         if restarts == 1:
             return (x + delta).detach()
         with torch.no_grad():
