@@ -73,9 +73,13 @@ class GAIRWeightedCE(Term):
         if function not in WEIGHT_FUNCTIONS:
             raise ValueError(f"GAIRWeightedCE: unknown function {function!r}; use one of {WEIGHT_FUNCTIONS}")
         if lam_schedule not in LAMBDA_SCHEDULES:
-            raise ValueError(f"GAIRWeightedCE: lam_schedule must be one of {LAMBDA_SCHEDULES}, got {lam_schedule!r}")
+            raise ValueError(
+                f"GAIRWeightedCE: lam_schedule must be one of {LAMBDA_SCHEDULES}, got {lam_schedule!r}"
+            )
         if lam_schedule == "linear" and not math.isfinite(lam_max):
-            raise ValueError("GAIRWeightedCE: the 'linear' lambda schedule needs a finite lam_max (inf gives nan)")
+            raise ValueError(
+                "GAIRWeightedCE: the 'linear' lambda schedule needs a finite lam_max (inf gives nan)"
+            )
         if not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"GAIRWeightedCE: steps must be the attack's integer step count, got {steps!r}")
         self.kappa, self.steps, self.function = kappa, steps, function
@@ -97,6 +101,6 @@ class GAIRWeightedCE(Term):
         logits = _full(views[self.view])
         if not self.weighted:
             return F.cross_entropy(logits, y)
-        kappa = views[self.kappa].detach().to(logits.device, torch.float32)
+        kappa = views[self.kappa].detach().to(device=logits.device, dtype=logits.dtype)
         weights = gair_weights(kappa, self.steps, self.current_lam, self.function)
         return (F.cross_entropy(logits, y, reduction="none") * weights).mean()

@@ -121,3 +121,18 @@ def bench_without_mlflow(argv: list[str]):
         "sys.exit(rc)\n"
     )
     return run_python_without(code)
+
+
+class Recorder:
+    """Calls ``fn`` and keeps its last result (other attributes pass through): lets a test read the attack a
+    training step ran, or a transcription's inner call, without running it a second time."""
+
+    def __init__(self, fn):
+        self.fn, self.last = fn, None
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+    def __call__(self, *args, **kwargs):
+        self.last = self.fn(*args, **kwargs)
+        return self.last
