@@ -1,4 +1,4 @@
-"""The authors' FAT, FAT-for-TRADES and GAIRAT training steps, transcribed for the CPU (tests compare with them).
+"""The authors' FAT, FAT-for-TRADES and GAIRAT training steps, transcribed for the CPU (tests compare).
 
 Sources, read at the commits TABLE1-METHODS.md lists:
 
@@ -208,7 +208,7 @@ def ga_pgd(
     Kappa = torch.zeros(len(data))
     x_adv = data.detach() + uniform(data.shape, epsilon)
     x_adv = torch.clamp(x_adv, 0.0, 1.0)
-    for k in range(num_steps):
+    for k in range(num_steps):  # noqa: B007  (the code's loop variable)
         x_adv.requires_grad_()
         output = model(x_adv)
         predict = output.max(1, keepdim=True)[1]
@@ -226,7 +226,7 @@ def ga_pgd(
     return x_adv.detach(), Kappa
 
 
-def gair(num_steps: int, Kappa: Tensor, Lambda: float, func: str) -> Tensor:
+def gair(num_steps: int, Kappa: Tensor, Lambda: float, func: str) -> Tensor:  # noqa: N803  (the code's names)
     """``GAIR.py`` L5-17."""
     if func == "Tanh":
         reweight = ((Lambda + (int(num_steps / 2) - Kappa) * 5 / (int(num_steps / 2))).tanh() + 1) / 2
@@ -241,7 +241,7 @@ def gair(num_steps: int, Kappa: Tensor, Lambda: float, func: str) -> Tensor:
 
 
 def adjust_lambda(epoch: int, epochs: int = 120, lam: float = -1.0) -> float:
-    """``GAIRAT.py`` L162-194 with the defaults (``Lambda_max = inf``, schedule 'fixed'); ``epoch`` 1-based."""
+    """``GAIRAT.py`` L162-194 with the defaults (``Lambda_max = inf``, 'fixed'); ``epoch`` is 1-based."""
     if epochs >= 110:
         return lam if epoch >= 60 else float("inf")
     return lam if epoch >= 30 else float("inf")

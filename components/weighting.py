@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import gin
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -135,7 +135,7 @@ def _batch(model: torch.nn.Module, n: int = 8):
 
 
 def _uniform(shape, eps):
-    """The start noise drawn as robustflow's UniformInit draws it (torch, not numpy): same seed, same noise."""
+    """The start noise as robustflow's UniformInit draws it (torch, not numpy): same seed, same noise."""
     return torch.empty(shape).uniform_(-eps, eps)
 
 

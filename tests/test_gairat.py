@@ -12,10 +12,10 @@ import torch
 
 from benchmarks import reference_fat as ref
 from components.attacks import CEObjective, PGDGenerator
+from components.experiment import experiment
 from components.graph import TrainingGraph
 from components.losses import WeightedLoss
 from components.weighting import GAIRWeightedCE, gair_weights
-from components.experiment import experiment
 from pipeline.config import load_config
 from tests.support import Recorder, conv_bn_net
 
@@ -70,7 +70,7 @@ def test_burn_in_and_lambda_follow_the_code_through_set_epoch():
     (term,) = [t for _, t in graph.loss.terms.values()]
     for epoch in range(1, 121):
         graph.set_epoch(epoch, 120)
-        # GAIRAT.py: train(epoch) weights when (epoch + 1) >= 60 for its 0-based epoch; adjust_Lambda(epoch + 1).
+        # GAIRAT.py: train(epoch) weights when (epoch + 1) >= 60, its epoch 0-based; adjust_Lambda(epoch + 1).
         code_epoch = epoch - 1
         assert term.weighted == ((code_epoch + 1) >= 60), epoch
         assert term.current_lam == ref.adjust_lambda(code_epoch + 1), epoch
@@ -89,7 +89,7 @@ def _uniform(shape, eps):
 
 
 def test_gairat_cifar10_step_is_the_authors_code_on_resnet18(monkeypatch):
-    """Epoch 60 (1-based), the first weighted one; the burn-in before it is the plain mean CE (tests above)."""
+    """Epoch 60 (1-based), the first weighted one; the burn-in before it is plain mean CE (tests above)."""
     load_config("gairat_cifar10", ["TARGET_BACKBONE = 'resnet18'"])
     graph = experiment().graph
     graph.set_epoch(60, 120)

@@ -65,7 +65,8 @@ class Misclassified(StopCriterion):
 
 @gin.configurable
 class ProbabilityGap(StopCriterion):
-    """P-SAT's difficulty as read here (*inferred*): ``d = max_{k != y} p_k - p_y`` in [-1, 1], stop at d >= eta.
+    """P-SAT's difficulty as read here (*inferred*): ``d = max_{k != y} p_k - p_y`` in [-1, 1]; stop at
+    ``d >= eta``.
 
     ``eta`` ramps linearly from ``start`` at epoch 1 to ``end`` at epoch ``ramp_epochs`` (1-based) and stays
     there (``set_epoch``). With ``end = 1`` the late attack is plain PGD (d reaches 1 only when p_y = 0 and
