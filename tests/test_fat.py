@@ -14,7 +14,7 @@ from components.attacks import CEObjective, EarlyStopPGD, ZeroInit
 from components.experiment import experiment
 from components.schedules import PaperStepSchedule
 from pipeline.config import load_config
-from tests.support import DIM, Recorder, binary_linear
+from tests.support import DIM, Recorder, assert_same_step, binary_linear, half_self_labelled, step_both
 
 
 def _linear_batch(
@@ -124,16 +124,6 @@ def test_fat_lr_schedule_is_the_codes_per_epoch():
             )
 
 
-def _batch(model: torch.nn.Module, n: int = 8):
-    """A seeded batch whose first half carries the model's own clean predictions as labels, so the attack
-    has examples that start right and flip at different steps, and examples wrong from the start."""
-    torch.manual_seed(1)
-    x, y = torch.rand(n, 3, 32, 32), torch.randint(0, 10, (n,))
-    with torch.no_grad():
-        y[: n // 2] = model.eval()(x[: n // 2]).argmax(1)
-    return x, y
-
-
 def _uniform(shape, eps):
     """The start noise as robustflow's UniformInit draws it (torch, not numpy): same seed, same noise."""
     return torch.empty(shape).uniform_(-eps, eps)
@@ -154,17 +144,13 @@ def _compare_step(
     graph.set_epoch(epoch, epochs)
     assert graph.generator.tau == tau
     ref_model = copy.deepcopy(graph.target)
-    x, y = _batch(graph.target)
+    x, y = half_self_labelled(graph.target)
     graph.train()
     graph.generator = ours_attack = Recorder(graph.generator)
     theirs_attack = Recorder(ref.earlystop)
     monkeypatch.setattr(ref, "earlystop", theirs_attack)
 
-    torch.manual_seed(2)
-    ours = graph.step(x, y)["loss"]
-    ours.backward()
-    torch.manual_seed(2)
-    theirs = authors_step(ref_model, x, y, tau=tau, uniform=_uniform)
+    ours, theirs = step_both(graph, ref_model, x, y, authors_step, tau=tau, uniform=_uniform)
 
     # The code reorders (done examples first); robustflow keeps batch order. Same examples, same labels.
     adv, target, natural, count = theirs_attack.last
@@ -174,11 +160,7 @@ def _compare_step(
     assert count == int(ours_attack.last.reports["steps"].sum())
     assert 0 < count < 10 * len(y), "the batch should mix early-stopped and full-length examples"
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
-    for (name_, a), b in zip(graph.target.named_parameters(), ref_model.parameters()):
-        # Float rounding only: the batch is summed in another order (the code's is reordered).
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=5e-6, msg=name_)
-    for (name_, a), b in zip(graph.target.named_buffers(), ref_model.buffers()):
-        torch.testing.assert_close(a, b, msg=name_)
+    assert_same_step(graph.target, ref_model)  # the code's batch is reordered: summed in another order
 
 
 def test_fat_cifar10_step_is_the_authors_code_on_resnet18(monkeypatch):

@@ -17,7 +17,7 @@ from components.graph import TrainingGraph
 from components.losses import WeightedLoss
 from components.weighting import GAIRWeightedCE, gair_weights
 from pipeline.config import load_config
-from tests.support import Recorder, conv_bn_net
+from tests.support import Recorder, assert_same_step, conv_bn_net, half_self_labelled, step_both
 
 
 def test_tanh_weights_by_hand():
@@ -94,20 +94,13 @@ def test_gairat_cifar10_step_is_the_authors_code_on_resnet18(monkeypatch):
     graph = experiment().graph
     graph.set_epoch(60, 120)
     ref_model = copy.deepcopy(graph.target)
-    torch.manual_seed(1)
-    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    with torch.no_grad():  # half the labels are the model's own: kappa spreads over 0..10
-        y[:4] = graph.target.eval()(x[:4]).argmax(1)
+    x, y = half_self_labelled(graph.target)  # kappa spreads over 0..10
     graph.train()
     graph.generator = ours_attack = Recorder(graph.generator)
     theirs_attack = Recorder(ref.ga_pgd)
     monkeypatch.setattr(ref, "ga_pgd", theirs_attack)
 
-    torch.manual_seed(2)
-    ours = graph.step(x, y)["loss"]
-    ours.backward()
-    torch.manual_seed(2)
-    theirs = ref.gairat_step(ref_model, x, y, epoch=59, uniform=_uniform)
+    ours, theirs = step_both(graph, ref_model, x, y, ref.gairat_step, epoch=59, uniform=_uniform)
 
     kappa = ours_attack.last.reports["kappa"]
     assert torch.equal(kappa, theirs_attack.last[1])
@@ -116,7 +109,4 @@ def test_gairat_cifar10_step_is_the_authors_code_on_resnet18(monkeypatch):
     # The weights are far from 1 here, so the weighted and the plain loss differ.
     assert (gair_weights(kappa, 10, -1.0) - 1).abs().max() > 0.1
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
-    for (name, a), b in zip(graph.target.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=5e-6, msg=name)
-    for (name, a), b in zip(graph.target.named_buffers(), ref_model.buffers()):
-        torch.testing.assert_close(a, b, msg=name)
+    assert_same_step(graph.target, ref_model)

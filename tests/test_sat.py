@@ -42,14 +42,21 @@ def test_the_threshold_ramps_linearly_through_set_epoch():
 
 def test_early_stop_at_the_first_iterate_past_the_threshold_by_hand():
     # Logits [0, z] with z = 10 * mean(x) - 5: with x = 0.5 + m / 10 everywhere, z_0 = m, and each CE ascent
-    # step of 0.01 per pixel (label 1) lowers z by 0.1. The attack stops at the first z_k whose gap reaches eta.
+    # step of 0.01 per pixel (label 1) lowers z by 0.1. The attack stops at the first z_k whose gap reaches
+    # eta.
     net = binary_linear(torch.full((DIM,), 10.0 / DIM), b=-5.0)
     margins = [0.05, 2.0, -0.6]
     x = torch.stack([torch.full((3, 8, 8), 0.5 + m / 10) for m in margins])
     y = torch.ones(3, dtype=torch.long)
     criterion = ProbabilityGap(start=0.2, end=0.2)
     gen = EarlyStopPGD(
-        objective=CEObjective(), eps=0.2, step_size=0.01, steps=10, init=ZeroInit(), criterion=criterion, tau=0
+        objective=CEObjective(),
+        eps=0.2,
+        step_size=0.01,
+        steps=10,
+        init=ZeroInit(),
+        criterion=criterion,
+        tau=0,
     )
     out = gen({"target": net}, x, y)
     for i, m in enumerate(margins):
