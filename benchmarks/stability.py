@@ -50,6 +50,10 @@ DEFAULT_METHODS = (
     "regmix_cifar10",
     "pgd2_mse_cifar10",
     "mart_cifar10",
+    "fat_cifar10",
+    "fat_trades_cifar10",
+    "gairat_cifar10",
+    "sat_cifar10",
 )
 DATA = Path(os.environ.get("ROBUSTFLOW_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
@@ -230,6 +234,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="stability_out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--epoch",
+        type=int,
+        default=1,
+        help="the epoch (1-based) set_epoch announces before the steps, for epoch-scheduled parts "
+        "(FAT's tau, GAIRAT's burn-in, SAT's curriculum)",
+    )
+    parser.add_argument(
         "--render", default="", help="re-render stability.md from a stability.json, run nothing"
     )
     return parser.parse_args(argv)
@@ -267,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.append(f"ATTACK_STEPS = {args.attack_steps}")
             for plan in plans:
                 exp = build(method, profile, overrides)
+                exp.graph.set_epoch(args.epoch, exp.trainer.epochs)
                 reference = args.reference and method == "d2r_cag_cifar10"
                 # The authors' loop starts from the same initial weights: copied only when it runs.
                 initial = {n: copy.deepcopy(m) for n, m in exp.graph.models.items()} if reference else {}
@@ -330,6 +342,7 @@ def table(results: list[Trajectory], args: argparse.Namespace) -> str:
     lines = [
         f"Settings: batch {args.batch_size}, {args.phases or str(args.steps) + ' steps'}, attack steps "
         f"{args.attack_steps or 'as configured'}, guide {args.guide}, profile '{args.profile or 'none'}', "
+        f"epoch {getattr(args, 'epoch', 1)}, "
         f"device {args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads. Diverged = loss > {args.factor:g}x step 1 or non-finite.",
         "",

@@ -15,4 +15,5 @@ from components import (  # noqa: F401  (imported for gin registration)
     optim,
     schedules,
     training,
+    weighting,
 )

@@ -63,6 +63,13 @@ class TrainingGraph(nn.Module):
                     f"loss view {name!r} reads {view.input!r}, which this generator does not produce "
                     f"(available: {sorted(available)}; x_init needs PGDGenerator.init_view = True)"
                 )
+        reported = tuple(getattr(self.generator, "reports", ()))
+        for name in self.loss.reports:
+            if name not in reported:
+                raise ValueError(
+                    f"a loss term reads the report {name!r}, which {type(self.generator).__name__} does not "
+                    f"produce (it reports: {list(reported)})"
+                )
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """Tell the parts that follow a schedule over training which epoch starts (1-based, of ``epochs``).
@@ -98,7 +105,9 @@ class TrainingGraph(nn.Module):
                 view = parse_view(name)
                 model = self.parallel.get(view.model, self.models[view.model])
                 views[name] = model(inputs[view.input])
-        total, parts = self.loss(views, y)
+        # Per-example reports (e.g. kappa) sit beside the views under their own names; terms that
+        # registered them read them (docs/architecture.md, "Generators that report").
+        total, parts = self.loss({**views, **attack.reports}, y)
         out: dict[str, Tensor | dict[str, Tensor]] = {"loss": total, "parts": parts}
         missing = {}
         for key, inp in (("clean_logits", "x"), ("adv_logits", "x_adv")):

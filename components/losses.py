@@ -67,9 +67,15 @@ def kl_div(
 
 
 class Term:
-    """A loss term: reads the views named in ``views`` and the labels, returns a scalar tensor."""
+    """A loss term: reads the views named in ``views`` and the labels, returns a scalar tensor.
+
+    A term may also read per-example values the attack generator reports (``reports``, e.g. GAIRAT's
+    ``'kappa'``): they arrive in the same mapping as the views, under their names; the graph checks at
+    build time that its generator produces every report a term names.
+    """
 
     views: tuple[str, ...] = ()
+    reports: tuple[str, ...] = ()
 
     def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> Tensor:
         raise NotImplementedError
@@ -253,11 +259,12 @@ class WeightedLoss:
     @property
     def views(self) -> list[str]:
         """Every view the terms read, in order of first use, each once."""
-        seen: dict[str, None] = {}
-        for _, term in self.terms.values():
-            for v in term.views:
-                seen.setdefault(v, None)
-        return list(seen)
+        return list(dict.fromkeys(v for _, term in self.terms.values() for v in term.views))
+
+    @property
+    def reports(self) -> list[str]:
+        """Every generator report the terms read, each once."""
+        return list(dict.fromkeys(r for _, term in self.terms.values() for r in term.reports))
 
     def __call__(self, views: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Return the weighted total and each term's unweighted value (tensors: no host sync)."""

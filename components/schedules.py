@@ -58,7 +58,9 @@ class PaperStepSchedule(Schedule):
     Epochs ``<= warmup_epochs`` use ``warmup_factor`` (0.02 / 0.1 = 0.2); afterwards the lr is multiplied
     by ``gamma`` once for each milestone fraction m with ``epoch > m * epochs``. For 100 epochs this is
     0.02 (epoch 1), 0.1 (2-75), 0.01 (76-90), 0.001 (91-100). ``milestone_epochs`` gives absolute epochs
-    instead (a drop from that epoch on), for TRADES' 75/90/100 of a 76-epoch run.
+    instead (a drop from that epoch on), for TRADES' 75/90/100 of a 76-epoch run. ``factors`` gives the
+    multiplier from each milestone on directly instead of powers of ``gamma`` (FAT and GAIRAT: x0.1, x0.01,
+    x0.005 from epochs 60, 90, 110).
     """
 
     def __init__(
@@ -68,10 +70,15 @@ class PaperStepSchedule(Schedule):
         milestones: tuple[float, ...] = (0.75, 0.90),
         gamma: float = 0.1,
         milestone_epochs: tuple[int, ...] | None = None,
+        factors: tuple[float, ...] | None = None,
     ) -> None:
         self.warmup_epochs, self.warmup_factor = warmup_epochs, warmup_factor
         self.milestones, self.gamma = tuple(milestones), gamma
         self.milestone_epochs = tuple(milestone_epochs) if milestone_epochs is not None else None
+        self.factors = tuple(factors) if factors is not None else None
+        count = len(self.milestone_epochs if self.milestone_epochs is not None else self.milestones)
+        if self.factors is not None and len(self.factors) != count:
+            raise ValueError(f"PaperStepSchedule: {len(self.factors)} factors for {count} milestones")
 
     def factor(self, step: int) -> float:
         epoch = step // self.steps_per_epoch + 1
@@ -81,6 +88,8 @@ class PaperStepSchedule(Schedule):
             drops = sum(epoch >= m for m in self.milestone_epochs)
         else:
             drops = sum(epoch > m * self.epochs for m in self.milestones)
+        if self.factors is not None:
+            return self.factors[drops - 1] if drops else 1.0
         return self.gamma**drops
 
 

@@ -140,3 +140,48 @@ def unavailable(reason: str) -> None:
     if on_ci():
         pytest.fail(f"CI=true and {reason}: CI must provide it (see .ci/run)", pytrace=False)
     pytest.skip(reason)
+
+
+class Recorder:
+    """Calls ``fn`` and keeps its last result (other attributes pass through): lets a test read the attack a
+    training step ran, or a transcription's inner call, without running it a second time."""
+
+    def __init__(self, fn):
+        self.fn, self.last = fn, None
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+    def __call__(self, *args, **kwargs):
+        self.last = self.fn(*args, **kwargs)
+        return self.last
+
+
+def half_self_labelled(model: nn.Module, n: int = 8, seed: int = 1):
+    """A seeded 3x32x32 batch whose first half carries ``model``'s own clean predictions as labels: an
+    attack on it has examples that start right and flip at different steps, and examples wrong from the
+    start (early stopping and kappa see all cases)."""
+    torch.manual_seed(seed)
+    x, y = torch.rand(n, 3, 32, 32), torch.randint(0, 10, (n,))
+    with torch.no_grad():
+        y[: n // 2] = model.eval()(x[: n // 2]).argmax(1)
+    return x, y
+
+
+def step_both(graph, ref_model: nn.Module, x, y, authors_step, seed: int = 2, **kwargs):
+    """One training step of ``graph`` and of a transcription of the authors' step on ``ref_model`` (a copy
+    of the target), each from the same RNG state, each backpropagated. Returns the two losses."""
+    torch.manual_seed(seed)
+    ours = graph.step(x, y)["loss"]
+    ours.backward()
+    torch.manual_seed(seed)
+    return ours, authors_step(ref_model, x, y, **kwargs)
+
+
+def assert_same_step(model: nn.Module, ref_model: nn.Module) -> None:
+    """Parameter gradients equal up to float rounding (the batch may be summed in another order) and
+    BatchNorm running statistics equal."""
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=5e-6, msg=name)
+    for (name, a), b in zip(model.named_buffers(), ref_model.buffers()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -1,5 +1,6 @@
 """Training-time attack generators: PGD iteration with pluggable objective, init and BN mode."""
 
+from components.attacks.early_stop import EarlyStopPGD, Misclassified, ProbabilityGap, StopCriterion
 from components.attacks.inits import GaussianInit, Init, RandomSignInit, UniformInit, ZeroInit
 from components.attacks.objectives import CEObjective, Objective, SoftLabelKLObjective
 from components.attacks.pgd import AttackResult, PGDGenerator, check_eps, project
@@ -7,12 +8,16 @@ from components.attacks.pgd import AttackResult, PGDGenerator, check_eps, projec
 __all__ = [
     "AttackResult",
     "CEObjective",
+    "EarlyStopPGD",
     "GaussianInit",
     "Init",
+    "Misclassified",
     "Objective",
     "PGDGenerator",
+    "ProbabilityGap",
     "RandomSignInit",
     "SoftLabelKLObjective",
+    "StopCriterion",
     "UniformInit",
     "ZeroInit",
     "check_eps",

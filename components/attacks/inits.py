@@ -18,15 +18,20 @@ class Init:
 
 @gin.configurable
 class GaussianInit(Init):
-    """TRADES/LBGAT/D2R start: ``x + std * N(0, I)``, deliberately not clipped before the first step."""
+    """TRADES/LBGAT/D2R start: ``x + std * N(0, I)``, deliberately not clipped before the first step.
+
+    ``clip=True`` clips it to [0, 1], as FAT's ``earlystop.py`` L30-32 does for its normal start.
+    """
 
     name = "gaussian"
 
-    def __init__(self, std: float = 0.001) -> None:
+    def __init__(self, std: float = 0.001, clip: bool = False) -> None:
         self.std = std
+        self.clip = clip
 
     def __call__(self, x: Tensor, eps: float) -> Tensor:
-        return x + self.std * torch.randn_like(x)
+        start = x + self.std * torch.randn_like(x)
+        return start.clamp_(0.0, 1.0) if self.clip else start
 
 
 @gin.configurable

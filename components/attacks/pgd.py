@@ -36,10 +36,13 @@ def check_eps(eps: float, step_size: float | None = None, what: str = "attack") 
 
 @dataclass
 class AttackResult:
-    """What a generator hands to the training step: named inputs and any views it already computed."""
+    """What a generator hands to the training step: named inputs, any views it already computed, and
+    per-example ``reports`` (e.g. GAIRAT's ``kappa``): tensors of shape (B,) without gradient that loss
+    terms read by name (``Term.reports``; docs/architecture.md, "Generators that report")."""
 
     inputs: dict[str, Tensor]
     views: dict[str, Tensor] = field(default_factory=dict)
+    reports: dict[str, Tensor] = field(default_factory=dict)
 
 
 @gin.configurable
@@ -54,6 +57,9 @@ class PGDGenerator:
       the loss's views are train-mode forwards.
     * Only x' gets gradients during the attack (``torch.autograd.grad`` w.r.t. x'); x' is returned detached.
     """
+
+    # The per-example reports this generator returns (names loss terms may read); PGD reports none.
+    reports: tuple[str, ...] = ()
 
     def __init__(
         self,
