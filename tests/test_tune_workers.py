@@ -61,7 +61,7 @@ def test_sigterm_to_the_command_requeues_every_running_trial_and_leaves_no_worke
     assert parent.wait(timeout=300) == 143, said[-4000:]
     for pid in workers:
         assert not _alive(pid), f"worker {pid} outlived the command:\n" + said[-3000:]
-    assert said.count("worker stopped by SIGTERM") == 2, said[-4000:]
+    assert said.count("worker stopped by SIGTERM; queued again") == 2, said[-4000:]
     trials = _study(tmp_path).trials
     stopped = [t for t in trials if t.state == TrialState.FAIL]
     # Each stopped trial is queued again (Optuna's retry: same parameters, "failed_trial" names it).
