@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from test_stop_under_mlflow_run import _alive
-from test_tune import tune_command, worker_env
+from test_tune import TINY, tune_command, worker_env
 
 from pipeline.workers import retry_setup, without_workers_flag
 
@@ -42,15 +42,17 @@ def _complete_trials(tmp_path) -> list[int]:
 def test_sigterm_to_the_command_requeues_every_running_trial_and_leaves_no_worker(
     shared_data, mlflow_store, tmp_path
 ):
-    args = [*ARGS[:1], "4", *ARGS[2:]]  # 4 trials of 2 epochs: both workers are mid-trial when stopped
-    cmd = tune_command(*args, "--workers", "2")
+    # 4 trials of 4 epochs: when each worker has finished epoch 1 of its first trial, both are mid-trial with
+    # steps left (a trial in its last epoch's validation would complete before it sees the signal).
+    cmd = tune_command(*ARGS[:1], "4", *ARGS[2:], "--workers", "2")
+    cmd[cmd.index("--overrides") + 1] = TINY.replace("EPOCHS = 2", "EPOCHS = 4")
     parent = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True)
     lines, epochs = [], 0
     for line in parent.stderr:
         lines.append(line)
         if line.startswith("robustflow tune: started 2 workers"):
             workers = [int(p) for p in line.split("pids ", 1)[1].rstrip(")\n").split(", ")]
-        epochs += line.startswith("epoch 1/2")
+        epochs += line.startswith("epoch 1/4")
         if epochs == 2:  # both workers are in their first trial (each has finished its epoch 1)
             break
     parent.send_signal(signal.SIGTERM)
@@ -59,7 +61,7 @@ def test_sigterm_to_the_command_requeues_every_running_trial_and_leaves_no_worke
     assert parent.wait(timeout=300) == 143, said[-4000:]
     for pid in workers:
         assert not _alive(pid), f"worker {pid} outlived the command:\n" + said[-3000:]
-    assert said.count("worker stopped by SIGTERM") == 2, said[-4000:]
+    assert said.count("worker stopped by SIGTERM; queued again") == 2, said[-4000:]
     trials = _study(tmp_path).trials
     stopped = [t for t in trials if t.state == TrialState.FAIL]
     # Each stopped trial is queued again (Optuna's retry: same parameters, "failed_trial" names it).
