@@ -12,6 +12,8 @@ from components import (  # noqa: F401  (imported for gin registration)
     graph,
     losses,
     optim,
+    rat,
     schedules,
     training,
+    weight_perturbation,
 )

@@ -1,6 +1,7 @@
 """Training-time attack generators: PGD iteration with pluggable objective, init and BN mode."""
 
 from components.attacks.inits import GaussianInit, Init, RandomSignInit, UniformInit, ZeroInit
+from components.attacks.noisy_copy import NoisyCopyGenerator
 from components.attacks.objectives import CEObjective, Objective, SoftLabelKLObjective
 from components.attacks.pgd import AttackResult, PGDGenerator, check_eps, project
 
@@ -9,6 +10,7 @@ __all__ = [
     "CEObjective",
     "GaussianInit",
     "Init",
+    "NoisyCopyGenerator",
     "Objective",
     "PGDGenerator",
     "RandomSignInit",
