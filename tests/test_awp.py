@@ -186,7 +186,7 @@ def test_trades_awp_step_is_the_authors_code_on_resnet18():
 
 
 def test_trades_awp_warm_up_trains_unperturbed_until_epoch_10():
-    load_config("trades_awp_cifar10,smoke")
+    load_config("trades_awp_cifar10", ["TARGET_BACKBONE = 'small_cnn'"])  # smoke sets no warm-up
     graph = experiment().graph.train()
     for epoch, active in ((1, False), (9, False), (10, True), (200, True)):
         graph.set_epoch(epoch, 200)
