@@ -39,7 +39,7 @@ def test_reg_gap_is_the_codes_with_its_cc(classes):
 
 
 def test_taylor_term_by_hand_on_a_linear_classifier():
-    """s_c = d CE / d W summed over features = (1/B) sum_i (p_ic - [y_i = c]) sum_d h_id, computed with math."""
+    """s_c = dCE/dW summed over features = (1/B) sum_i (p_ic - [y_i = c]) sum_d h_id, with math."""
     h_nat, h_adv = [[1.0, 2.0], [0.5, -1.0]], [[0.0, 1.0], [2.0, 1.0]]
     w = [[0.3, -0.2], [0.1, 0.4], [-0.5, 0.2]]
     y = [0, 2]
@@ -78,7 +78,8 @@ def test_taylor_term_by_hand_on_a_linear_classifier():
         nat, adv = [f(v) for v in s_nat], [f(v) for v in s_adv]
         for_clean = gap_rows([a - n for a, n in zip(adv, nat)])
         for_adv = gap_rows([n - a for n, a in zip(nat, adv)]) if order == 1 else for_clean
-        expected = 0.5 * sum(kl(for_adv[y[i]], z_adv[i]) + kl(for_clean[y[i]], z_nat[i]) for i in range(2)) / 2
+        pairs = [kl(for_adv[y[i]], z_adv[i]) + kl(for_clean[y[i]], z_nat[i]) for i in range(2)]
+        expected = 0.5 * sum(pairs) / 2
         term = TaylorSoftLabelKL(order=order, cc=0.8)
         term.bind_models({"target": nn.Sequential(fc)})
         hn, ha = torch.tensor(h_nat, requires_grad=True), torch.tensor(h_adv, requires_grad=True)
@@ -138,7 +139,7 @@ def test_rat_trades_step_is_the_authors_code_on_resnet18():
     theirs = copy.deepcopy(model)
     optimizer = exp.trainer.optimizer_fn(graph.models)
     opt = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    convs = {n for m_name, m in theirs.named_modules() if isinstance(m, nn.Conv2d) for n in (f"{m_name}.weight",)}
+    convs = {f"{name}.weight" for name, m in theirs.named_modules() if isinstance(m, nn.Conv2d)}
     torch.manual_seed(1)
     x, y = torch.rand(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
 
