@@ -92,7 +92,7 @@ class TaylorSoftLabelKL(Term):
     def _class_grad(self, logits: Tensor, y: Tensor) -> Tensor:
         # fc.weight.grad of the batch-mean CE, summed over the input features: one value per class.
         (g,) = torch.autograd.grad(F.cross_entropy(_full(logits), y), self._weight, retain_graph=True)
-        return g.float().sum(1)
+        return _full(g).sum(1)
 
     def soft_labels(self, views: Mapping[str, Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
         """(label for the adversarial KL, label for the clean KL), rows of ``reg_gap`` picked by ``y``."""

@@ -116,73 +116,62 @@ def _compare(graph_model, ref_model, out_loss, ref_loss, perturbed, ref_perturbe
         torch.testing.assert_close(ours_b[name], b, **tight, msg=name)
 
 
-def test_at_awp_step_is_the_authors_code_on_resnet18():
-    """pgd_at_awp_cifar10 on a ResNet-18: attack (train mode), proxy, perturbed loss, step, restore, the
-    logging forward, as AT_AWP/train_cifar10.py L314-369 runs them."""
-    load_config("pgd_at_awp_cifar10", ["TARGET_BACKBONE = 'resnet18'"])
+def _both_steps(config, epoch, proxy_lr, authors_step, reference_model, **kw):
+    """One trainer step of ``config`` (ResNet-18, float64) and ``authors_step`` from the same weights, batch
+    and noise. float64: in float32 the attack's sign steps flip on rounding (the code's ``X + delta``
+    against x' here) and the trajectories part within ten steps; in float64 the two agree to ~1e-15."""
+    load_config(config, ["TARGET_BACKBONE = 'resnet18'"])
     exp = experiment()
-    # float64: in float32 the train-mode attack's sign steps flip on rounding (X + delta in the code, x' here)
-    # by step 6 and the two trajectories part; in float64 they agree, so the comparison can be tight.
     graph = exp.graph.train().double()
-    graph.set_epoch(1, exp.trainer.epochs)
-    model = graph.target  # NormalizedNet: .normalize, then .net
-    theirs = copy.deepcopy(model.net).train()
+    graph.set_epoch(epoch, exp.trainer.epochs)
+    theirs = copy.deepcopy(reference_model(graph.target)).train()
     proxy = copy.deepcopy(theirs)
     opt = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    proxy_opt = torch.optim.SGD(proxy.parameters(), lr=0.01)
+    proxy_opt = torch.optim.SGD(proxy.parameters(), lr=proxy_lr)
     optimizer = exp.trainer.optimizer_fn(graph.models)
     before = {n: p.detach().clone() for n, p in theirs.named_parameters()}
     torch.manual_seed(1)
     x, y = torch.rand(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
-
-    seen = _LossForwardWeights(model)
+    seen = _LossForwardWeights(graph.target)
     torch.manual_seed(2)
     out = exp.trainer.train_step(graph, optimizer, x, y, CPU)
     ref_seen = []
     torch.manual_seed(2)
-    ref_loss = ref.at_awp_step(
+    ref_loss = authors_step(
         theirs, proxy, opt, proxy_opt, x, y,
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
         on_loss_forward=lambda m: ref_seen.append({n: p.detach().clone() for n, p in m.named_parameters()}),
+        **kw,
     )  # fmt: skip
+    assert not graph.perturbation.applied
+    return graph, theirs, before, out["loss"], ref_loss, seen.seen, ref_seen
 
-    assert len(seen.seen) == 1 and not graph.perturbation.applied
-    perturbed = {n.removeprefix("net."): p for n, p in seen.seen[0].items()}
-    _compare(model, theirs, out["loss"], ref_loss, perturbed, ref_seen[0], strip="net.")
+
+def test_at_awp_step_is_the_authors_code_on_resnet18():
+    """pgd_at_awp_cifar10 on a ResNet-18: attack (train mode), proxy, perturbed loss, step, restore, the
+    logging forward, as AT_AWP/train_cifar10.py L314-369 runs them."""
+    graph, theirs, before, loss, ref_loss, seen, ref_seen = _both_steps(
+        "pgd_at_awp_cifar10", 1, 0.01, ref.at_awp_step, lambda m: m.net,  # NormalizedNet: the code normalizes
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
+    )  # fmt: skip
+    assert len(seen) == 1
+    perturbed = {n.removeprefix("net."): p for n, p in seen[0].items()}
+    _compare(graph.target, theirs, loss, ref_loss, perturbed, ref_seen[0], strip="net.")
     # The loss forward ran at w + gamma v, not at w; the step's weights are the restored ones.
     assert not torch.equal(perturbed["conv1.weight"], before["conv1.weight"])
     assert not torch.equal(perturbed["linear.weight"], theirs.linear.weight)
 
 
 def test_trades_awp_step_is_the_authors_code_on_resnet18():
-    """trades_awp_cifar10 after its warm-up: eval-mode attack, the clean/adv/clean proxy, the adv, clean,
-    clean loss forwards at the perturbed weights, step, restore (train_trades_cifar.py L166-206)."""
-    load_config("trades_awp_cifar10", ["TARGET_BACKBONE = 'resnet18'"])
-    exp = experiment()
-    graph = exp.graph.train().double()  # float64, as above: rounding alone then stays near 1e-12
-    graph.set_epoch(10, exp.trainer.epochs)  # `epoch >= args.awp_warmup` with 1-based epochs and 10
-    model = graph.target
-    theirs = copy.deepcopy(model).train()
-    proxy = copy.deepcopy(theirs)
-    opt = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    proxy_opt = torch.optim.SGD(proxy.parameters(), lr=0.1)
-    optimizer = exp.trainer.optimizer_fn(graph.models)
-    torch.manual_seed(1)
-    x, y = torch.rand(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
-
-    seen = _LossForwardWeights(model)
-    torch.manual_seed(2)
-    out = exp.trainer.train_step(graph, optimizer, x, y, CPU)
-    ref_seen = []
-    torch.manual_seed(2)
-    ref_loss = ref.trades_awp_step(
-        theirs, proxy, opt, proxy_opt, x, y,
-        on_loss_forward=lambda m: ref_seen.append({n: p.detach().clone() for n, p in m.named_parameters()}),
-    )  # fmt: skip
-
-    assert len(seen.seen) == 2  # target(x_adv), target(x); the third forward runs without gradient
-    assert all(torch.equal(seen.seen[0][n], seen.seen[1][n]) for n in seen.seen[0])
-    _compare(model, theirs, out["loss"], ref_loss, seen.seen[0], ref_seen[0])
+    """trades_awp_cifar10 after its warm-up (epoch 10: `epoch >= args.awp_warmup`, 1-based): eval-mode
+    attack, the clean/adv/clean proxy, the adv, clean, clean loss forwards at the perturbed weights, step,
+    restore (train_trades_cifar.py L166-206)."""
+    graph, theirs, before, loss, ref_loss, seen, ref_seen = _both_steps(
+        "trades_awp_cifar10", 10, 0.1, ref.trades_awp_step, lambda m: m
+    )
+    assert len(seen) == 2  # target(x_adv), target(x); the third forward runs without gradient
+    assert all(torch.equal(seen[0][n], seen[1][n]) for n in seen[0])
+    _compare(graph.target, theirs, loss, ref_loss, seen[0], ref_seen[0])
+    assert not torch.equal(seen[0]["conv1.weight"], before["conv1.weight"])
 
 
 def test_trades_awp_warm_up_trains_unperturbed_until_epoch_10():
