@@ -109,6 +109,8 @@ class TrainingGraph(nn.Module):
         Returns ``loss`` (weighted total), ``parts`` (unweighted terms) and the target's logits on the clean
         and adversarial inputs for accuracy (computed without gradient in eval mode only when no loss term
         already reads them, so metrics never add a train-mode forward that would move BN statistics).
+        With a weight perturbation the models hold perturbed weights from here until ``finish_step()``
+        (``Trainer.train_step`` calls it after the optimizer step); metrics logits are then perturbed ones.
         """
         attack = self.generator(self.models, x, y)
         inputs = {"x": x, **attack.inputs}

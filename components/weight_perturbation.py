@@ -139,6 +139,13 @@ class AWP:
             raise ValueError(f"AWP.model {self.model!r} is not one of the models {sorted(models)}")
         if self.objective is None:
             self.objective = loss
+        bound = [n for n, (_, t) in self.objective.terms.items() if callable(getattr(t, "bind_models", None))]
+        if bound:
+            raise ValueError(
+                f"AWP's proxy objective has terms that read the real model's parameters ({bound}, e.g. RAT's "
+                "Taylor terms); the proxy cannot evaluate them. Set AWP.objective to a WeightedLoss without "
+                "them (RAT's own AWP variant ascends the TRADES loss)"
+            )
         if not any(parse_view(v).model == self.model for v in self.objective.views):
             raise ValueError(
                 f"AWP's objective reads no view of the perturbed model {self.model!r} "

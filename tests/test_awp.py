@@ -228,3 +228,10 @@ def test_awp_profile_perturbs_the_target_of_target_guide_methods(spec):
             assert isinstance(graph.perturbation, AWP) and not graph.perturbation.applied
     for a, b in zip(stats[True], stats[False]):
         torch.testing.assert_close(a, b)
+
+
+def test_awp_on_a_method_whose_terms_read_the_model_asks_for_an_objective():
+    # RAT's Taylor terms differentiate the real model's classifier; the proxy cannot evaluate them.
+    with pytest.raises(ValueError, match="Set AWP.objective"):
+        load_config("rat_trades_cifar10,awp,smoke")
+        experiment()
