@@ -118,14 +118,19 @@ class TrainingGraph(nn.Module):
         if self.perturbation is not None:
             self.perturbation.perturb(self.models, inputs, y)
         try:
-            for name in self.loss.views:
-                if name not in views:
-                    views[name] = self._forward(name, inputs)
-            total, parts = self.loss(views, y)
-            self._bn_forwards(self.bn_forwards, inputs)
+            return self._views_and_loss(views, inputs, y)
         except BaseException:
-            self.restore()
+            self.restore()  # a perturbation never outlives a failed step
             raise
+
+    def _views_and_loss(
+        self, views: dict[str, Tensor], inputs: dict[str, Tensor], y: Tensor
+    ) -> dict[str, Tensor | dict[str, Tensor]]:
+        for name in self.loss.views:
+            if name not in views:
+                views[name] = self._forward(name, inputs)
+        total, parts = self.loss(views, y)
+        self._bn_forwards(self.bn_forwards, inputs)
         self._pending_inputs = inputs if self.post_step_forwards else None
         out: dict[str, Tensor | dict[str, Tensor]] = {"loss": total, "parts": parts}
         missing = {}
