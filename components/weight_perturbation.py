@@ -139,7 +139,8 @@ class AWP:
             raise ValueError(f"AWP.model {self.model!r} is not one of the models {sorted(models)}")
         if self.objective is None:
             self.objective = loss
-        bound = [n for n, (_, t) in self.objective.terms.items() if callable(getattr(t, "bind_models", None))]
+        terms = getattr(self.objective, "terms", {})
+        bound = [n for n, (_, t) in terms.items() if callable(getattr(t, "bind_models", None))]
         if bound:
             raise ValueError(
                 f"AWP's proxy objective has terms that read the real model's parameters ({bound}, e.g. RAT's "
