@@ -50,6 +50,9 @@ DEFAULT_METHODS = (
     "regmix_cifar10",
     "pgd2_mse_cifar10",
     "mart_cifar10",
+    "pgd_at_awp_cifar10",
+    "trades_awp_cifar10",
+    "rat_trades_cifar10",
 )
 DATA = Path(os.environ.get("ROBUSTFLOW_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
