@@ -114,6 +114,8 @@ def test_the_noisy_copy_leaves_the_model_alone():
     load_config("rat_trades_cifar10,smoke")
     graph = experiment().graph.train()
     assert isinstance(graph.generator, NoisyCopyGenerator)
+    assert graph.generator.steps == 3 and graph.generator.bn_mode == "eval"  # the wrapped PGD's, under smoke
+    copy.deepcopy(graph.generator)
     model = graph.target
     state = copy.deepcopy(model.state_dict())
     torch.manual_seed(0)

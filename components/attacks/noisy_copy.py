@@ -76,6 +76,13 @@ class NoisyCopyGenerator:
     def init(self) -> Any:
         return self.generator.init
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything else a caller reads from a generator (steps, eps, bn_mode, ... for the bench and the
+        # stability study) is the wrapped generator's. Guarded so copying/unpickling cannot recurse.
+        if name == "generator" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.generator, name)
+
     def set_epoch(self, epoch: int, epochs: int) -> None:
         hook = getattr(self.generator, "set_epoch", None)
         if callable(hook):
