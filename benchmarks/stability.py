@@ -54,6 +54,9 @@ DEFAULT_METHODS = (
     "fat_trades_cifar10",
     "gairat_cifar10",
     "sat_cifar10",
+    "pgd_at_awp_cifar10",
+    "trades_awp_cifar10",
+    "rat_trades_cifar10",
 )
 DATA = Path(os.environ.get("ROBUSTFLOW_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 

@@ -13,7 +13,9 @@ from components import (  # noqa: F401  (imported for gin registration)
     losses,
     method,
     optim,
+    rat,
     schedules,
     training,
+    weight_perturbation,
     weighting,
 )

@@ -9,7 +9,8 @@ Every method in METHODS.md is this one step with different parts:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import gin
 import torch
@@ -31,12 +32,24 @@ class TrainingGraph(nn.Module):
         generator: PGDGenerator = gin.REQUIRED,
         loss: WeightedLoss = gin.REQUIRED,
         eval_model: str = "target",
+        perturbation: Any = None,
+        bn_forwards: Sequence[str] = (),
+        post_step_forwards: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.models = nn.ModuleDict(dict(models))
         self.generator = generator
         self.loss = loss
         self.eval_model = eval_model
+        # A weight perturbation (components.weight_perturbation.AWP): perturb(models, inputs, y) after the
+        # attack, restore() after the optimizer step (finish_step). Not a submodule: never checkpointed.
+        self.perturbation = perturbation
+        # Forwards the authors' code runs only for their effect on BatchNorm running statistics: in train
+        # mode, without gradient; bn_forwards after the loss views (RAT's six repeated forwards, TRADES-AWP's
+        # third), post_step_forwards after the step and the restore (AT-AWP's logging forward).
+        self.bn_forwards = tuple(str(parse_view(v)) for v in bn_forwards)
+        self.post_step_forwards = tuple(str(parse_view(v)) for v in post_step_forwards)
+        self._pending_inputs: dict[str, Tensor] | None = None
         # Data-parallel wrappers used for the loss views (set by the trainer under torchrun); attacks and
         # metrics use the plain modules. A plain dict, so the wrappers are not registered submodules.
         self.parallel: dict[str, nn.Module] = {}
@@ -52,7 +65,7 @@ class TrainingGraph(nn.Module):
                     f"the attack generator uses model {name!r}, but the models are {sorted(known)}"
                 )
         available = {"x", "x_adv"} | ({"x_init"} if self.generator.init_view else set())
-        for name in self.loss.views:
+        for name in [*self.loss.views, *self.bn_forwards, *self.post_step_forwards]:
             view = parse_view(name)
             if view.model not in known:
                 raise ValueError(
@@ -70,6 +83,12 @@ class TrainingGraph(nn.Module):
                     f"a loss term reads the report {name!r}, which {type(self.generator).__name__} does not "
                     f"produce (it reports: {list(reported)})"
                 )
+        # Parts that read the models themselves (RAT's classifier gradient; AWP's proxy) get them here.
+        for _, term in self.loss.terms.values():
+            if callable(getattr(term, "bind_models", None)):
+                term.bind_models(self.models)
+        if self.perturbation is not None:
+            self.perturbation.bind(self.models, self.loss)
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """Tell the parts that follow a schedule over training which epoch starts (1-based, of ``epochs``).
@@ -80,6 +99,7 @@ class TrainingGraph(nn.Module):
         """
         parts = [self.generator, self.generator.objective, self.generator.init]
         parts += [term for _, term in self.loss.terms.values()]
+        parts.append(self.perturbation)
         for part in parts:
             hook = getattr(part, "set_epoch", None)
             if callable(hook):
@@ -96,18 +116,31 @@ class TrainingGraph(nn.Module):
         Returns ``loss`` (weighted total), ``parts`` (unweighted terms) and the target's logits on the clean
         and adversarial inputs for accuracy (computed without gradient in eval mode only when no loss term
         already reads them, so metrics never add a train-mode forward that would move BN statistics).
+        With a weight perturbation the models hold perturbed weights from here until ``finish_step()``
+        (``Trainer.train_step`` calls it after the optimizer step); metrics logits are then perturbed ones.
         """
         attack = self.generator(self.models, x, y)
         inputs = {"x": x, **attack.inputs}
         views: dict[str, Tensor] = dict(attack.views)
+        if self.perturbation is not None:
+            self.perturbation.perturb(self.models, inputs, y)
+        try:
+            return self._views_and_loss(views, inputs, y, attack.reports)
+        except BaseException:
+            self.restore()  # a perturbation never outlives a failed step
+            raise
+
+    def _views_and_loss(
+        self, views: dict[str, Tensor], inputs: dict[str, Tensor], y: Tensor, reports: dict[str, Tensor]
+    ) -> dict[str, Tensor | dict[str, Tensor]]:
         for name in self.loss.views:
             if name not in views:
-                view = parse_view(name)
-                model = self.parallel.get(view.model, self.models[view.model])
-                views[name] = model(inputs[view.input])
+                views[name] = self._forward(name, inputs)
         # Per-example reports (e.g. kappa) sit beside the views under their own names; terms that
         # registered them read them (docs/architecture.md, "Generators that report").
-        total, parts = self.loss({**views, **attack.reports}, y)
+        total, parts = self.loss({**views, **reports}, y)
+        self._bn_forwards(self.bn_forwards, inputs)
+        self._pending_inputs = inputs if self.post_step_forwards else None
         out: dict[str, Tensor | dict[str, Tensor]] = {"loss": total, "parts": parts}
         missing = {}
         for key, inp in (("clean_logits", "x"), ("adv_logits", "x_adv")):
@@ -121,3 +154,30 @@ class TrainingGraph(nn.Module):
                 for key, inp in missing.items():
                     out[key] = self.target(inputs[inp])
         return out
+
+    def _forward(self, name: str, inputs: Mapping[str, Tensor]) -> Tensor:
+        view = parse_view(name)
+        return self.parallel.get(view.model, self.models[view.model])(inputs[view.input])
+
+    def _bn_forwards(self, names: Sequence[str], inputs: Mapping[str, Tensor]) -> None:
+        if not names:
+            return
+        with model_mode(self.models.values(), train=True), torch.no_grad():
+            for name in names:
+                self._forward(name, inputs)
+
+    def restore(self) -> None:
+        """Take a weight perturbation off the models (a no-op without one, or when none is applied)."""
+        if self.perturbation is not None:
+            self.perturbation.restore()
+
+    def finish_step(self) -> None:
+        """After the optimizer step: restore the perturbed weights, then run ``post_step_forwards``.
+
+        ``Trainer.train_step`` calls it right after ``optimizer.step()``, so the divergence guard, gradient
+        clipping's successor steps, validation and checkpoints only ever see restored weights.
+        """
+        self.restore()
+        inputs, self._pending_inputs = self._pending_inputs, None
+        if inputs is not None:
+            self._bn_forwards(self.post_step_forwards, inputs)

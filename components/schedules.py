@@ -105,6 +105,24 @@ class MultiStepSchedule(Schedule):
         return self.gamma**drops
 
 
+@gin.configurable
+class PiecewiseSchedule(Schedule):
+    """Rice et al.'s ``piecewise`` lr (AT-AWP, ``AT_AWP/train_cifar10.py`` L260-267, L321-322), per iteration.
+
+    Iteration ``i`` (0-based) of 0-based epoch ``e`` uses ``t = e + (i + 1) / n``: factor 1 while
+    ``t / epochs < fractions[0]``, ``gamma`` while below ``fractions[1]``, and so on. For 200 epochs this
+    is 0.1 until the last iteration of epoch 99 (0-based), then 0.01 until the last of epoch 149, then 0.001.
+    """
+
+    def __init__(self, fractions: tuple[float, ...] = (0.5, 0.75), gamma: float = 0.1) -> None:
+        self.fractions, self.gamma = tuple(fractions), gamma
+
+    def factor(self, step: int) -> float:
+        n = self.steps_per_epoch
+        t = step // n + (step % n + 1) / n
+        return self.gamma ** sum(t / self.epochs >= f for f in self.fractions)
+
+
 def make_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     schedule: Schedule,

@@ -149,7 +149,8 @@ class Trainer:
         y: torch.Tensor,
         device: torch.device,
     ) -> dict[str, Any]:
-        """One optimizer step of the method: ``graph.step`` under autocast, backward, optional clipping, step.
+        """One optimizer step of the method: ``graph.step`` under autocast, backward, optional clipping, step,
+        then ``graph.finish_step`` (restore a weight perturbation, post-step forwards).
 
         Returns ``graph.step``'s outputs, plus ``grad_norm`` (the pre-clip global norm, on the device) when
         ``grad_clip_norm`` is set. Shared by the epoch loop and the benchmarks, so they time and study the
@@ -157,13 +158,20 @@ class Trainer:
         """
         with self.autocast(device):
             out = graph.step(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if self.grad_clip_norm is not None:
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm, foreach=True)
-            out["grad_norm"] = norm.detach()
-        optimizer.step()
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if self.grad_clip_norm is not None:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm, foreach=True)
+                out["grad_norm"] = norm.detach()
+            optimizer.step()
+        except BaseException:
+            graph.restore()  # a weight perturbation never outlives its step
+            raise
+        # Restores a weight perturbation (AWP) right after the step, before anything reads the weights.
+        with self.autocast(device):
+            graph.finish_step()
         return out
 
     def fit(

@@ -28,6 +28,11 @@ def test_the_listed_experiments_exist():
         "regmix_cifar100",
         "pgd2_mse_cifar10",
         "mart_cifar10",
+        "pgd_at_awp_cifar10",
+        "pgd_at_awp_cifar100",
+        "trades_awp_cifar10",
+        "rat_trades_cifar10",
+        "rat_trades_cifar100",
     }
 
 
@@ -44,12 +49,10 @@ def test_experiment_takes_one_training_step_under_smoke(name):
     exp.graph.train()
     before = {n: [p.detach().clone() for p in m.parameters()] for n, m in exp.graph.models.items()}
     optimizer = exp.trainer.optimizer_fn(exp.graph.models)
-    out = exp.graph.step(x, y)
+    # The trainer's step: graph.step, backward, optimizer step, then finish_step (restores AWP's weights).
+    out = exp.trainer.train_step(exp.graph, optimizer, x, y, torch.device("cpu"))
     assert torch.isfinite(out["loss"])
     assert set(out["parts"]) == set(exp.graph.loss.terms)
-    optimizer.zero_grad()
-    out["loss"].backward()
-    optimizer.step()
     for n, m in exp.graph.models.items():
         changed = any(not torch.equal(a, b) for a, b in zip(before[n], m.parameters()))
         assert changed, f"{name}: model {n} did not train"

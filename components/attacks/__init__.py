@@ -2,6 +2,7 @@
 
 from components.attacks.early_stop import EarlyStopPGD, Misclassified, ProbabilityGap, StopCriterion
 from components.attacks.inits import GaussianInit, Init, RandomSignInit, UniformInit, ZeroInit
+from components.attacks.noisy_copy import NoisyCopyGenerator
 from components.attacks.objectives import CEObjective, Objective, SoftLabelKLObjective
 from components.attacks.pgd import AttackResult, PGDGenerator, check_eps, project
 
@@ -12,6 +13,7 @@ __all__ = [
     "GaussianInit",
     "Init",
     "Misclassified",
+    "NoisyCopyGenerator",
     "Objective",
     "PGDGenerator",
     "ProbabilityGap",

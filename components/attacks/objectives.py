@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.losses import _full
+
 
 class Objective:
     """Base class: the model that is attacked (``model``) and every model the objective runs."""
@@ -45,7 +47,7 @@ class CEObjective(Objective):
         self, models: Mapping[str, nn.Module], x_adv: Tensor, y: Tensor, ctx: Any
     ) -> tuple[Tensor, Tensor]:
         logits = models[self.model](x_adv)
-        return F.cross_entropy(logits.float(), y, reduction="sum"), logits
+        return F.cross_entropy(_full(logits), y, reduction="sum"), logits
 
 
 @gin.configurable
@@ -70,11 +72,11 @@ class SoftLabelKLObjective(Objective):
 
     def prepare(self, models: Mapping[str, nn.Module], x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
-            return F.softmax(models[self.soft_label_model](x).float(), dim=1)
+            return F.softmax(_full(models[self.soft_label_model](x)), dim=1)
 
     def __call__(
         self, models: Mapping[str, nn.Module], x_adv: Tensor, y: Tensor, ctx: Tensor
     ) -> tuple[Tensor, Tensor]:
         logits = models[self.model](x_adv)
-        loss = F.kl_div(F.log_softmax(logits.float(), dim=1), ctx, reduction="sum")
+        loss = F.kl_div(F.log_softmax(_full(logits), dim=1), ctx, reduction="sum")
         return loss, logits

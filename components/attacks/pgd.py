@@ -55,6 +55,10 @@ class PGDGenerator:
       view ``'<model>(x_init)'``, computed with parameter gradients so the loss can use it without a second
       forward (RegMix: step 1 reuses that forward's input gradient). Requires ``bn_mode='train'``, because
       the loss's views are train-mode forwards.
+    * ``final_forward``: one more forward of the objective at the final x', without gradient, in the
+      attack's BN mode. Rice et al.'s ``attack_pgd`` (used by AT-AWP, ``AT_AWP/train_cifar10.py`` L122-124)
+      computes the per-example loss there to pick among restarts; with one restart it always keeps the
+      only one, but in train mode that forward moves BN running statistics, so the faithful config runs it.
     * Only x' gets gradients during the attack (``torch.autograd.grad`` w.r.t. x'); x' is returned detached.
     """
 
@@ -70,6 +74,7 @@ class PGDGenerator:
         init: Init | None = None,
         bn_mode: str = "eval",
         init_view: bool = False,
+        final_forward: bool = False,
     ) -> None:
         check_eps(eps, step_size, "PGDGenerator")
         if not (isinstance(steps, int) and steps >= 1):
@@ -83,6 +88,7 @@ class PGDGenerator:
         self.init = init if init is not None else GaussianInit()
         self.bn_mode = bn_mode
         self.init_view = init_view
+        self.final_forward = final_forward
 
     @property
     def models_used(self) -> tuple[str, ...]:
@@ -118,5 +124,8 @@ class PGDGenerator:
                     loss, _ = self.objective(models, x_adv, y, ctx)
                     (grad,) = torch.autograd.grad(loss, x_adv)
                     x_adv = self._ascend(x_adv, grad, x)
+            if self.final_forward:
+                with torch.no_grad():
+                    self.objective(models, x_adv, y, ctx)
         inputs["x_adv"] = x_adv.detach()
         return AttackResult(inputs=inputs, views=views)
