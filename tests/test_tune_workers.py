@@ -75,7 +75,7 @@ def test_sigterm_to_the_command_requeues_every_running_trial_and_leaves_no_worke
 def test_one_command_starts_n_workers_after_setting_the_stores_up(shared_data, mlflow_store, tmp_path):
     out = subprocess.run(
         tune_command(*ARGS, "--workers", "2"), cwd=tmp_path, env=worker_env(), capture_output=True, text=True,
-        timeout=600,
+        timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]
     assert "started 2 workers" in out.stderr
