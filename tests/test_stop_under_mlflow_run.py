@@ -40,8 +40,8 @@ def _alive(pid: int) -> bool:
 
 
 def _mlflow_run_until_epoch_1(entry: str, params: list[str], tmp_path: Path):
-    """Start `mlflow run -e entry` in its own session on a fresh store; return it, its env and the stderr lines
-    up to the first "epoch 1/3"."""
+    """Start `mlflow run -e entry` in its own session on a fresh store; return it, its env and the stderr
+    lines up to the first "epoch 1/3"."""
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_RUN_ID", None)
