@@ -39,16 +39,16 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-@pytest.mark.parametrize("how", ["sigterm-wrapper", "ctrl-c", "sigterm-training"])
-def test_stop_under_mlflow_run_ends_killed_with_no_orphan(how, shared_data, tmp_path):
+def _mlflow_run_until_epoch_1(entry: str, params: list[str], tmp_path: Path):
+    """Start `mlflow run -e entry` in its own session on a fresh store; return it, its env and the stderr
+    lines up to the first "epoch 1/3"."""
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_RUN_ID", None)
     env.pop("MLFLOW_EXPERIMENT_ID", None)
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
-           "--experiment-name", "d2r_cag_cifar10",
-           "-P", "gin=d2r_cag_cifar10,smoke", "-P", f"overrides={TINY}", "-P", "device=cpu"]  # fmt: skip
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
+           "--experiment-name", "d2r_cag_cifar10", "-P", "gin=d2r_cag_cifar10,smoke", "-P", "device=cpu",
+           *params]  # fmt: skip
     # Its own session: the signals below reach this command's processes only, as a terminal's would.
     wrapper = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -58,6 +58,13 @@ def test_stop_under_mlflow_run_ends_killed_with_no_orphan(how, shared_data, tmp_
         lines.append(line)
         if line.startswith("epoch 1/3"):
             break
+    return wrapper, env, lines
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("how", ["sigterm-wrapper", "ctrl-c", "sigterm-training"])
+def test_stop_under_mlflow_run_ends_killed_with_no_orphan(how, shared_data, tmp_path):
+    wrapper, env, lines = _mlflow_run_until_epoch_1("train", ["-P", f"overrides={TINY}"], tmp_path)
     (training,) = _children(wrapper.pid)  # the MLproject command execs python: no shell in between
     if how == "sigterm-wrapper":
         wrapper.send_signal(signal.SIGTERM)
@@ -97,21 +104,8 @@ def test_tune_under_mlflow_run_stops_with_its_wrapper_and_its_run_stays_killed(s
     import optuna
     from optuna.trial import TrialState
 
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_RUN_ID", None)
-    env.pop("MLFLOW_EXPERIMENT_ID", None)
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "tune", "--env-manager", "local",
-           "--experiment-name", "d2r_cag_cifar10", "-P", "gin=d2r_cag_cifar10,smoke", "-P", "n_trials=1",
-           "-P", f"overrides={TINY}; ATTACK_STEPS = 1", "-P", "device=cpu", "-P", "pruner=none"]  # fmt: skip
-    wrapper = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    lines = []
-    for line in wrapper.stderr:
-        lines.append(line)
-        if line.startswith("epoch 1/3"):
-            break
+    params = ["-P", "n_trials=1", "-P", f"overrides={TINY}; ATTACK_STEPS = 1", "-P", "pruner=none"]
+    wrapper, env, lines = _mlflow_run_until_epoch_1("tune", params, tmp_path)
     tuner = [p for p in _children(wrapper.pid) if _alive(p)]
     wrapper.send_signal(signal.SIGTERM)
     rest = wrapper.stderr.read()

@@ -178,7 +178,7 @@ def test_two_workers_share_a_study_and_stop_at_its_total(shared_data, mlflow_sto
             workers.append(subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stdout=o, stderr=e))
         logs.append((out, err))
     for worker, (out, err) in zip(workers, logs):
-        assert worker.wait(timeout=400) == 0, err.read_text()[-3000:]
+        assert worker.wait(timeout=900) == 0, err.read_text()[-3000:]
         assert "Pareto front" in out.read_text()  # each worker ends with the study's summary
 
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
