@@ -41,7 +41,14 @@ from pipeline.model_card import model_card
 from pipeline.outputs import default_output_dir, remove_logged_checkpoints
 from pipeline.plots import training_curves
 from pipeline.registry import log_model, register
-from pipeline.resume import ResumeError, check_resume, resume_command, resume_target
+from pipeline.resume import (
+    CONFIG_HASH_TAG,
+    ResumeError,
+    check_resume,
+    config_fingerprint,
+    resume_command,
+    resume_target,
+)
 from pipeline.run_page import grouped, log_operative_config, name_and_file, run_name
 from pipeline.run_status import keep_current_status, stop_with_wrapper
 from pipeline.tracking import (
@@ -198,6 +205,7 @@ def train_experiment(
     nested: bool = False,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     register_model: bool = True,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train a built experiment inside an MLflow run (new, resumed, or nested) and register its best model.
 
@@ -205,6 +213,7 @@ def train_experiment(
     raise to stop the run, which then ends FAILED unless the caller's exception says otherwise).
     A run that diverges (``TrainingDivergedError``) ends FAILED with the guard's message as the
     ``robustflow.failure`` tag, registers nothing, and the error propagates.
+    ``tags`` are set on a new run beside robustflow's own (the table command links its rows this way).
     Returns the run id, the best validation score, the test metrics and the registered version.
     """
     from components.guard import TrainingDivergedError
@@ -223,15 +232,18 @@ def train_experiment(
         if resume_from is not None:
             print(f"robustflow: resuming run {run_id} from {resume_from}", file=sys.stderr)
         else:
+            params = flat_parameters()
             mlflow.set_tags(
                 {
                     STARTED_TAG: loaded.experiment,
                     "robustflow.gin": gin_spec,
                     "robustflow.overrides": "; ".join(loaded.overrides),
                     "robustflow.model_name": model_name,
+                    CONFIG_HASH_TAG: config_fingerprint(params),
+                    **(tags or {}),
                 }
             )
-            log_params(flat_parameters())
+            log_params(params)
             log_params({f"data.{k}": v for k, v in exp.data.summary().items()})
             mlflow.log_text(config_text, "config/config.gin")
             if not nested:  # a tune trial is named by the tuner
