@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pipeline.table.render import FAILED, RowResult, render_markdown
 from pipeline.table.run import EVAL_PLAN_TAG, TABLE_TAG, run_row
 from pipeline.table.spec import Table, available_tables, load_table
 from pipeline.tracking import configure_tracking
+from pipeline.train import _StopFlag
 
 EXIT_USAGE = 2
 EXIT_TERMINATED = 143
@@ -144,11 +146,31 @@ def finish_parent(parent: str, table: Table, results: list[RowResult], markdown:
     client.set_tag(parent, "robustflow.failed_rows", str(sum(r.status == FAILED for r in results)))
 
 
+class _TableStop(_StopFlag):
+    """SIGTERM/Ctrl-C: training stops at the next step (its run KILLED, resumed by the next table run);
+    anywhere else (an evaluation, a download) the table stops at once with KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.training = False
+
+    def install(self) -> None:
+        super().install()
+        flag_only = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: object) -> None:
+            flag_only(signum, frame)
+            if not self.training:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the entry point; returns the exit code (0 also when rows FAILED: the table is complete)."""
     from components.data import DataNotFoundError
     from components.training import TrainingInterruptedError
-    from pipeline.train import _StopFlag
 
     args = parse_args(argv)
     configure_tracking()
@@ -157,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataNotFoundError, ValueError) as err:
         print(f"robustflow table: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    stop = _StopFlag()
+    stop = _TableStop()
     stop.install()
     by_wrapper = bool(os.environ.get("MLFLOW_RUN_ID"))
     parent = open_parent(table, profiles, args, plan)
@@ -176,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             r = results[-1]
             took = time.monotonic() - row_start
             print(f"robustflow table: row {r.label}: {r.status} in {took:.0f} s", file=sys.stderr)
-    except TrainingInterruptedError:
+    except (TrainingInterruptedError, KeyboardInterrupt):
         mlflow.MlflowClient().set_terminated(parent, "KILLED")
         print("robustflow table: interrupted; run the same command again to continue", file=sys.stderr)
         return EXIT_TERMINATED

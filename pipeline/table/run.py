@@ -159,9 +159,10 @@ def _train(
             if resume is not None:
                 check_resume(resume, flat_parameters(), loaded.overrides, gin.config_str())
                 print(f"robustflow table: row {p.row.label}: resuming run {resume}", file=sys.stderr)
-            out = train_experiment(
-                loaded, exp, gin_spec=p.spec, run_id=resume, output_dir=output_dir, stop=stop, tags=tags
-            )
+            with _training(stop):
+                out = train_experiment(
+                    loaded, exp, gin_spec=p.spec, run_id=resume, output_dir=output_dir, stop=stop, tags=tags
+                )
         result.status, result.train_run_id = TRAINED, out["run_id"]
     except TrainingInterruptedError:
         raise
@@ -176,6 +177,19 @@ def _train(
     finally:
         del exp
         _release_memory()
+
+
+@contextlib.contextmanager
+def _training(stop: object) -> Iterator[None]:
+    """While training, a signal only sets the flag: training stops at the next step and leaves its run
+    KILLED with a checkpoint (the command's ``_TableStop`` reads ``training``)."""
+    if hasattr(stop, "training"):
+        stop.training = True
+    try:
+        yield
+    finally:
+        if hasattr(stop, "training"):
+            stop.training = False
 
 
 def _evaluate(
