@@ -233,7 +233,7 @@ def test_a_table_trains_each_row_as_a_normal_run_and_renders_it(tmp_path, mlflow
         )
     assert row_line(out, "TRADES")[5:7] == ["-", "-"]  # the paper has no PGD-50: no difference either
     assert "smoke: numbers are not comparable to the paper" in out
-    assert "AutoAttack dev" in out
+    assert "AA column: AutoAttack apgd-ce = APGD-CE" in out
     md = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/table.md")
     assert md.strip() == out.strip() and parent.data.tags["mlflow.note.content"] == md
 
@@ -300,3 +300,37 @@ def test_a_row_that_diverges_shows_as_failed_and_the_table_completes(
     out = capsys.readouterr().out
     assert "an earlier run; --retry-failed trains again" in out
     assert len(training_runs("diverging_pgd_at")) == 1 and len(training_runs("pgd_at_cifar10")) == 1
+
+
+@pytest.mark.slow
+def test_mlflow_run_table_entry_point_files_each_row_in_its_own_experiment(
+    tmp_path, mlflow_store, shared_data
+):
+    """Under `mlflow run` the table's run is the one the wrapper made (its experiment exported to us): the
+    rows' runs must still go to their own experiments, and the wrapper's run must end FINISHED."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = write_table(
+        tmp_path, {"TRADES": ("trades_cifar10", (1, 2, 3, 4)), "MART": ("mart_cifar10", (1, 2, 3, 4))}
+    )
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store, ROBUSTFLOW_DATA=str(shared_data))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(key, None)
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(repo), "-e", "table", "--env-manager", "local",
+         "--experiment-name", "tables", "-P", f"table={path}", "-P", "gin=smoke", "-P", f"overrides={TINY}",
+         "-P", "device=cpu", "-P", "n=16"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (parent,) = runs_of("tables")
+    assert parent.info.status == "FINISHED" and parent.data.params["table.name"] == "test_table"
+    for experiment in ("trades_cifar10", "mart_cifar10"):
+        (train,) = training_runs(experiment)
+        assert train.data.tags[TABLE_RUN_TAG] == parent.info.run_id and len(eval_runs(experiment)) == 1
+    assert "| TRADES |" in parent.data.tags["mlflow.note.content"]

@@ -24,6 +24,7 @@ import mlflow
 
 from pipeline.config import ConfigError
 from pipeline.outputs import default_output_dir
+from pipeline.run_status import keep_current_status, stop_with_wrapper
 from pipeline.table.plan import EvalPlan, PlannedRow, eval_plan, plan_rows, split_profiles
 from pipeline.table.render import FAILED, RowResult, render_markdown
 from pipeline.table.run import EVAL_PLAN_TAG, TABLE_TAG, run_row
@@ -108,11 +109,16 @@ def open_parent(table: Table, profiles: list[str], args: argparse.Namespace, pla
         experiment = client.get_experiment_by_name(table.name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(table.name)
         parent = client.create_run(experiment_id, run_name=name[:90], tags=tags).info.run_id
-    params = {"table": table.name, "profiles": ",".join(profiles), "table_overrides": args.overrides}
+    # Namespaced: under `mlflow run` the run already holds the entry point's own (table, gin, overrides ...).
+    params = {
+        "table.name": table.name,
+        "table.profiles": ",".join(profiles),
+        "table.overrides": args.overrides,
+    }
     params |= {
-        "suite": plan.suite,
-        "eval_n": str(plan.n or "all"),
-        "eval_autoattack": plan.autoattack or "suite",
+        "table.suite": plan.suite,
+        "table.eval_n": str(plan.n or "all"),
+        "table.eval_autoattack": plan.autoattack or "suite",
     }
     for key, value in params.items():
         client.log_param(parent, key, value)
@@ -181,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     stop = _TableStop()
     stop.install()
+    stop_with_wrapper()  # a table never goes on alone once its `mlflow run` is stopped
     by_wrapper = bool(os.environ.get("MLFLOW_RUN_ID"))
     parent = open_parent(table, profiles, args, plan)
     print(f"robustflow table: {table.name}: {len(planned)} rows, parent run {parent}", file=sys.stderr)
@@ -200,11 +207,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"robustflow table: row {r.label}: {r.status} in {took:.0f} s", file=sys.stderr)
     except (TrainingInterruptedError, KeyboardInterrupt):
         mlflow.MlflowClient().set_terminated(parent, "KILLED")
+        keep_current_status(parent)  # `mlflow run` would mark it FAILED
         print("robustflow table: interrupted; run the same command again to continue", file=sys.stderr)
         return EXIT_TERMINATED
     notes = (
         [SMOKE_WARNING.format(evaluation=plan.describe())] if plan.smoke else [plan.describe().capitalize()]
     )
+    if profiles or args.overrides:
+        changed = [f"`,{','.join(profiles)}` appended to its spec"] if profiles else []
+        changed += [f"overrides `{args.overrides}`"] if args.overrides else []
+        notes.append(f"Every row trained with {' and '.join(changed)}.")
     markdown = render_markdown(table, results, notes=notes, run_id=parent)
     out_dir = Path(args.output_dir) / f"table-{table.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     finish_parent(parent, table, results, markdown, out_dir)
