@@ -169,6 +169,24 @@ def test_the_cifar10_table_has_all_ten_comparison_methods_and_d2r_cag():
     assert by_label["SAT"].paper == (None, None, None, None) and "CIFAR-100 only" in by_label["SAT"].note
 
 
+def test_the_config_fingerprint_is_what_the_run_trains_not_how_the_command_spelled_it():
+    from pipeline.config import flat_parameters
+    from pipeline.resume import config_fingerprint
+
+    def fingerprint(spec: str, overrides: str = "", device: str | None = None) -> str:
+        load_config(spec, overrides)
+        if device is not None:
+            gin.bind_parameter("DataModule.device", device)
+        return config_fingerprint(flat_parameters())
+
+    base = fingerprint("pgd_at_cifar10,smoke")
+    assert fingerprint("pgd_at_cifar10,smoke", "EPOCHS = 4") == base  # smoke's own value, spelled again
+    assert fingerprint("pgd_at_cifar10,smoke", device="cuda") == base  # where it trains is not what
+    assert fingerprint("pgd_at_cifar10,smoke", "EPOCHS = 3") != base
+    assert fingerprint("pgd_at_cifar10,smoke,stable") != base
+    assert fingerprint("pgd_at_cifar10") != base
+
+
 # -- bad input --------------------------------------------------------------------------------------------
 
 
