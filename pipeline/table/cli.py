@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         for p in planned:
-            row_start = time.monotonic()
+            row_start, row_cpu = time.monotonic(), time.process_time()
             results.append(
                 run_row(
                     p, plan, parent_id=parent, table_name=table.name, device=args.device,
@@ -203,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )  # fmt: skip
             r = results[-1]
-            took = time.monotonic() - row_start
-            print(f"robustflow table: row {r.label}: {r.status} in {took:.0f} s", file=sys.stderr)
+            took, cpu = time.monotonic() - row_start, time.process_time() - row_cpu
+            print(
+                f"robustflow table: row {r.label}: {r.status} in {took:.0f} s ({cpu:.0f} CPU-s)",
+                file=sys.stderr,
+            )
     except (TrainingInterruptedError, KeyboardInterrupt):
         mlflow.MlflowClient().set_terminated(parent, "KILLED")
         keep_current_status(parent)  # `mlflow run` would mark it FAILED
