@@ -121,3 +121,17 @@ def bench_without_mlflow(argv: list[str]):
         "sys.exit(rc)\n"
     )
     return run_python_without(code)
+
+
+def mlflow_run_env(tracking_uri: str, data) -> dict[str, str]:
+    """The environment of an ``mlflow run`` subprocess: this store and data, the venv's python first on PATH,
+    and no run or experiment id leaking in from the test process."""
+    import os
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, ROBUSTFLOW_DATA=str(data))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(key, None)
+    return env

@@ -87,16 +87,14 @@ def test_evaluate_rejects_bad_input_before_work(mlflow_store, capsys):
 
 def test_mlflow_run_evaluate_entry_point(shared_data, mlflow_store, tmp_path):
     """Through `mlflow run`, whose own run already holds the entry point's parameters (n, suite, ...)."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from support import mlflow_run_env
+
     assert train(["--gin", "d2r_cag_cifar10,smoke", "--overrides", TINY]) == 0
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store, ROBUSTFLOW_DATA=str(shared_data))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(key, None)
+    env = mlflow_run_env(mlflow_store, shared_data)
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(repo), "-e", "evaluate", "--env-manager", "local",

@@ -326,7 +326,6 @@ def test_mlflow_run_table_entry_point_files_each_row_in_its_own_experiment(
 ):
     """Under `mlflow run` the table's run is the one the wrapper made (its experiment exported to us): the
     rows' runs must still go to their own experiments, and the wrapper's run must end FINISHED."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -334,10 +333,7 @@ def test_mlflow_run_table_entry_point_files_each_row_in_its_own_experiment(
     path = write_table(
         tmp_path, {"TRADES": ("trades_cifar10", (1, 2, 3, 4)), "MART": ("mart_cifar10", (1, 2, 3, 4))}
     )
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store, ROBUSTFLOW_DATA=str(shared_data))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(key, None)
+    env = support.mlflow_run_env(mlflow_store, shared_data)
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(repo), "-e", "table", "--env-manager", "local",
