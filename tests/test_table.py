@@ -347,4 +347,4 @@ def test_mlflow_run_table_entry_point_files_each_row_in_its_own_experiment(
     for experiment in ("trades_cifar10", "mart_cifar10"):
         (train,) = training_runs(experiment)
         assert train.data.tags[TABLE_RUN_TAG] == parent.info.run_id and len(eval_runs(experiment)) == 1
-    assert "| TRADES |" in parent.data.tags["mlflow.note.content"]
+    assert "| TRADES" in parent.data.tags["mlflow.note.content"]
