@@ -92,7 +92,7 @@ class EvalPlan:
         if self.autoattack:
             stages = " + ".join(s.upper() for s in STAGES[self.autoattack])
             aa = f"AA column: AutoAttack {self.autoattack} = {stages}"
-        only = f", only {', '.join(self.only)}" if self.only else ""
+        only = f" (only the attacks shown: {', '.join(self.only)})" if self.only else ""
         return f"evaluated with suite `{self.suite}`{only} at eps 8/255 on {images} ({aa})"
 
 
@@ -118,7 +118,7 @@ def eval_plan(table: Table, profiles: list[str], n: int | None | str = "auto") -
         n = SMOKE_IMAGES if smoke else None
     if not smoke:
         return EvalPlan(table.suite, n)
-    shown = tuple(m.removesuffix("_acc") for _, m in table.columns)
+    shown = tuple(m.removesuffix("_acc") for _, m in table.columns if m != "clean_acc")
     return EvalPlan(table.suite, n, SMOKE_AUTOATTACK, smoke=True, only=shown)
 
 
