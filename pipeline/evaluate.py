@@ -20,8 +20,10 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -37,6 +39,9 @@ from pipeline.model_results import evaluated_model, log_results  # noqa: E402
 from pipeline.registry import load_model, run_of  # noqa: E402
 from pipeline.tracking import configure_tracking, log_params, scrub, scrub_source_tags  # noqa: E402
 from pipeline.train import EXIT_USAGE, resolve_device  # noqa: E402
+
+if TYPE_CHECKING:
+    from components.eval.suite import Suite
 
 EVALUATES_TAG = "robustflow.evaluates_run"
 
@@ -119,58 +124,90 @@ def robustbench_entry(report, evaluated, train_run, model_uri: str) -> dict:  # 
     return json.loads(scrub(json.dumps(entry)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the entry point; returns the process exit code."""
-    from components.data import DataModule, DataNotFoundError
-    from components.eval.suite import CURVE_EPS, get_suite
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_model` did: the evaluation run, its report, the logged metrics and table."""
 
-    args = parse_args(argv)
-    configure_tracking()
-    try:
-        eps_list = parse_eps(args.eps)
-        n = None if str(args.n).lower() == "all" else int(args.n)
-        if n is not None and n < 1:
-            raise ConfigError(f"--n must be >= 1 or 'all', got {args.n}")
-        device = resolve_device(args.device)
-        train_run_id = run_of(args.model_uri)
-        train_run = mlflow.get_run(train_run_id)
-        dataset = train_run.data.params.get("data.dataset")
-        if dataset is None:
-            raise ConfigError(
-                f"run {train_run_id} was not made by robustflow's train entry point (no data.dataset)"
-            )
-        data = DataModule(
-            dataset=dataset,
-            data_dir=args.data_dir,
-            val_size=0,
-            test_size=n,
-            eval_batch_size=args.batch_size,
-            device=str(device),
+    run_id: str
+    train_run_id: str
+    report: Any  # an EvalReport
+    metrics: dict[str, float]
+    table: str
+
+
+def load_for_evaluation(  # noqa: ANN201  (returns (training Run, DataModule, nn.Module, Evaluated))
+    model_uri: str,
+    n: int | None = None,
+    *,
+    batch_size: int = 256,
+    device: str = "auto",
+    data_dir: str | None = None,
+):
+    """The model behind ``model_uri``, its training run, the test split it is evaluated on, and what is
+    evaluated (the registered version an alias points at now, pinned: ``model_results.Evaluated``).
+
+    Every problem (unknown model, a run not made by robustflow, missing data) raises here, before any attack.
+    """
+    from components.data import DataModule
+
+    if n is not None and n < 1:
+        raise ConfigError(f"--n must be >= 1 or 'all', got {n}")
+    dev = resolve_device(device)
+    train_run_id = run_of(model_uri)
+    train_run = mlflow.get_run(train_run_id)
+    dataset = train_run.data.params.get("data.dataset")
+    if dataset is None:
+        raise ConfigError(
+            f"run {train_run_id} was not made by robustflow's train entry point (no data.dataset)"
         )
-        data.check()
-        evaluated = evaluated_model(args.model_uri, train_run_id)  # the version the alias points at now
-        model = load_model(evaluated.pinned_uri if evaluated.version else args.model_uri, device)
-    except (ConfigError, DataNotFoundError, ValueError, MlflowException) as err:
-        print(f"robustflow evaluate: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    data = DataModule(
+        dataset=dataset,
+        data_dir=data_dir,
+        val_size=0,
+        test_size=n,
+        eval_batch_size=batch_size,
+        device=str(dev),
+    )
+    data.check()
+    evaluated = evaluated_model(model_uri, train_run_id)  # the version the alias points at now
+    model = load_model(evaluated.pinned_uri if evaluated.version else model_uri, dev)
+    return train_run, data, model, evaluated
 
-    suite = get_suite(args.suite, eps=eps_list[0], with_0031=False)
-    suite.eps_list = tuple(eps_list)
-    # The curve costs a PGD-20 per radius: `paper` gets it (and `full` has its own); `quick` stays quick.
-    if args.no_curve:
-        suite.curve_eps, suite.curve_attacks = (), ()
-    elif args.suite == "paper" and not suite.curve_eps:
-        suite.curve_eps, suite.curve_attacks = CURVE_EPS, ("pgd20",)
-    report = suite.run(model, data.test_loader(), progress=True, seed=args.seed)
+
+def evaluate_model(
+    model_uri: str,
+    suite: Suite,
+    loaded: tuple[Any, Any, Any, Any],
+    *,
+    seed: int = 0,
+    output_dir: str | Path = "outputs",
+    tags: dict[str, str] | None = None,
+    eps_text: str | None = None,
+) -> Evaluation:
+    """Attack the model with ``suite`` and log it as an evaluation run; ``loaded`` is what
+    :func:`load_for_evaluation` returned for ``model_uri`` (the training run, the test data, the model, what
+    is evaluated). ``metrics`` in the result are the headline ``eval/n<N>/*`` metrics.
+
+    The run is filed in the training run's experiment and tagged with its id (``tags`` adds to those); the
+    results are written to ``output_dir`` first, so a tracking-server hiccup never loses a long evaluation.
+    """
+    from components.eval.report import format_eps
+
+    train_run, data, model, evaluated = loaded
+    train_run_id = train_run.info.run_id
+    eps_list = list(suite.eps_list)
+    eps_text = eps_text or ",".join(format_eps(e) for e in eps_list)
+    report = suite.run(model, data.test_loader(), progress=True, seed=seed)
 
     # Written to disk first: a long evaluation is never lost to a tracking-server hiccup.
-    out_dir = Path(args.output_dir) / f"evaluate-{train_run_id}-{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(output_dir) / f"evaluate-{train_run_id}-{suite.name}-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     table = report.to_markdown()
     (out_dir / "results.md").write_text(table)
     (out_dir / "flags.txt").write_text("\n".join(report.flags) + ("\n" if report.flags else "no flags\n"))
     (out_dir / "robustbench.json").write_text(
-        json.dumps(robustbench_entry(report, evaluated, train_run, args.model_uri), indent=2)
+        json.dumps(robustbench_entry(report, evaluated, train_run, model_uri), indent=2)
     )
     (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     if suite.curve_eps:
@@ -180,33 +217,65 @@ def main(argv: list[str] | None = None) -> int:
 
     # Under `mlflow run` this continues the run it created (MLFLOW_RUN_ID), which already holds the entry
     # point's own parameters (model_uri, suite, eps, n): ours are namespaced so they never collide.
-    name = f"eval {evaluated.label} {args.suite}"
+    name = f"eval {evaluated.label} {suite.name}"
     with mlflow.start_run(experiment_id=train_run.info.experiment_id, run_name=name) as run:
         client = mlflow.MlflowClient()
         if client.get_run(run.info.run_id).info.run_name != name:  # `mlflow run` named it already
             client.set_tag(run.info.run_id, "mlflow.runName", name)
         pinned = {
             "robustflow.model_uri": evaluated.pinned_uri,
-            "robustflow.model_uri_given": args.model_uri,
+            "robustflow.model_uri_given": model_uri,
             "robustflow.model_version": evaluated.version.version if evaluated.version else "",
         }
-        mlflow.set_tags({EVALUATES_TAG: train_run_id, "robustflow.suite": args.suite, **pinned})
+        mlflow.set_tags(
+            {EVALUATES_TAG: train_run_id, "robustflow.suite": suite.name, **pinned, **(tags or {})}
+        )
         scrub_source_tags(run.info.run_id)
         log_params(
-            {"eval.model_uri": evaluated.pinned_uri, "eval.model_uri_given": args.model_uri,
+            {"eval.model_uri": evaluated.pinned_uri, "eval.model_uri_given": model_uri,
              "eval.model_version": pinned["robustflow.model_version"], "eval.model_id": evaluated.model_id,
-             "eval.suite": args.suite, "eval.eps": args.eps, "eval.n_examples": report.n_examples,
-             "eval.seed": args.seed, **{f"eval.attack.{k}": v for k, v in report.attacks.items()}}
+             "eval.suite": suite.name, "eval.eps": eps_text, "eval.n_examples": report.n_examples,
+             "eval.seed": seed, **{f"eval.attack.{k}": v for k, v in report.attacks.items()}}
         )  # fmt: skip
         log_data_inputs(data, ("test",))
         # Against the evaluated model too: its page, its registered version and its card show the numbers.
-        log_results(report, eps_list, evaluated, suite.curve_eps)
+        metrics = log_results(report, eps_list, evaluated, suite.curve_eps)
         mlflow.log_artifacts(str(out_dir), "evaluation")
-    print(table)
-    for flag in report.flags:
+    return Evaluation(run.info.run_id, train_run_id, report, metrics, table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the entry point; returns the process exit code."""
+    from components.data import DataNotFoundError
+    from components.eval.suite import CURVE_EPS, get_suite
+
+    args = parse_args(argv)
+    configure_tracking()
+    try:
+        eps_list = parse_eps(args.eps)
+        n = None if str(args.n).lower() == "all" else int(args.n)
+        suite = get_suite(args.suite, eps=eps_list[0], with_0031=False)
+        suite.eps_list = tuple(eps_list)
+        # The curve costs a PGD-20 per radius: `paper` gets it (and `full` has its own); `quick` stays quick.
+        if args.no_curve:
+            suite.curve_eps, suite.curve_attacks = (), ()
+        elif args.suite == "paper" and not suite.curve_eps:
+            suite.curve_eps, suite.curve_attacks = CURVE_EPS, ("pgd20",)
+        loaded = load_for_evaluation(
+            args.model_uri, n, batch_size=args.batch_size, device=args.device, data_dir=args.data_dir
+        )
+    except (ConfigError, DataNotFoundError, ValueError, MlflowException) as err:
+        print(f"robustflow evaluate: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    done = evaluate_model(
+        args.model_uri, suite, loaded, seed=args.seed, output_dir=args.output_dir, eps_text=args.eps
+    )
+    print(done.table)
+    for flag in done.report.flags:
         print(f"FLAG: {flag}", file=sys.stderr)
     print(
-        f"robustflow: evaluated {args.model_uri} on {report.n_examples} images in {report.seconds:.1f} s",
+        f"robustflow: evaluated {args.model_uri} on {done.report.n_examples} images "
+        f"in {done.report.seconds:.1f} s",
         file=sys.stderr,
     )
     return 0

@@ -35,6 +35,9 @@ IGNORED_BINDINGS = frozenset({"DataModule.device"})
 # Parameters that ``mlflow run`` logs for the entry point itself (not gin bindings) and the data summary,
 # which describes the data on disk rather than the config.
 _NON_GIN_PARAMS = frozenset({"gin", "overrides", "device", "nproc"})
+# Every training run carries a fingerprint of its config, so that a run can be found again by what it
+# trained (the table command reuses a finished row this way instead of training it again).
+CONFIG_HASH_TAG = "robustflow.config_hash"
 
 
 class ResumeError(ConfigError):
@@ -185,6 +188,19 @@ def resume_checkpoint(run_id: str, local_dir: Path) -> Path | None:
     return local
 
 
+def config_fingerprint(flat_params: Mapping[str, str]) -> str:
+    """A short hash of every gin binding but the device (``flat_parameters()``): equal iff the configs are.
+
+    Files, profiles and overrides that bind the same values give the same fingerprint: it is what the run
+    trains that counts, not how the command was spelled.
+    """
+    import hashlib
+    import json
+
+    kept = {k: str(v) for k, v in flat_params.items() if k not in IGNORED_BINDINGS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def config_differences(
     run: mlflow.entities.Run,
     flat_params: Mapping[str, str],
@@ -249,9 +265,11 @@ def _config_file_differences(run_id: str, config_text: str, client: mlflow.Mlflo
 
 
 __all__ = [
+    "CONFIG_HASH_TAG",
     "ResumeError",
     "check_resume",
     "config_differences",
+    "config_fingerprint",
     "resume_checkpoint",
     "resume_command",
     "resume_target",

@@ -31,6 +31,7 @@ from pipeline.config import (
     ConfigError,
     LoadedConfig,
     available_configs,
+    flat_parameters,
     load_config,
     macro,
     resolve_device,
@@ -41,7 +42,15 @@ from pipeline.model_card import model_card
 from pipeline.outputs import default_output_dir, remove_logged_checkpoints
 from pipeline.plots import training_curves
 from pipeline.registry import log_model, register
-from pipeline.resume import ResumeError, check_resume, resume_checkpoint, resume_command, resume_target
+from pipeline.resume import (
+    CONFIG_HASH_TAG,
+    ResumeError,
+    check_resume,
+    config_fingerprint,
+    resume_checkpoint,
+    resume_command,
+    resume_target,
+)
 from pipeline.run_page import grouped, log_operative_config, name_and_file, run_name
 from pipeline.run_status import keep_current_status, stop_with_wrapper
 from pipeline.tracking import (
@@ -224,6 +233,7 @@ def train_experiment(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     register_model: bool = True,
     resume_from: Path | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train a built experiment inside an MLflow run (new, resumed, or nested) and register its best model.
 
@@ -234,6 +244,7 @@ def train_experiment(
     raise to stop the run, which then ends FAILED unless the caller's exception says otherwise).
     A run that diverges (``TrainingDivergedError``) ends FAILED with the guard's message as the
     ``robustflow.failure`` tag, registers nothing, and the error propagates.
+    ``tags`` are set on a new run beside robustflow's own (the table command links its rows this way).
     Returns the run id, the best validation score, the test metrics and the registered version.
     """
     from components.guard import TrainingDivergedError
@@ -257,6 +268,8 @@ def train_experiment(
                     "robustflow.gin": scrub(gin_spec),
                     "robustflow.overrides": scrub("; ".join(loaded.overrides)),
                     "robustflow.model_name": model_name,
+                    CONFIG_HASH_TAG: config_fingerprint(flat_parameters()),  # what the run trains
+                    **(tags or {}),
                 }
             )
             scrub_source_tags(run_id)

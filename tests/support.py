@@ -185,3 +185,17 @@ def assert_same_step(model: nn.Module, ref_model: nn.Module) -> None:
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=5e-6, msg=name)
     for (name, a), b in zip(model.named_buffers(), ref_model.buffers()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def mlflow_run_env(tracking_uri: str, data) -> dict[str, str]:
+    """The environment of an ``mlflow run`` subprocess: this store and data, the venv's python first on PATH,
+    and no run or experiment id leaking in from the test process."""
+    import os
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, ROBUSTFLOW_DATA=str(data))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(key, None)
+    return env

@@ -83,15 +83,13 @@ def test_evaluate_rejects_bad_input_before_work(mlflow_store, capsys):
 @pytest.mark.slow
 def test_mlflow_run_evaluate_entry_point(trained_store, shared_data, tmp_path):
     """Through `mlflow run`, whose own run already holds the entry point's parameters (n, suite, ...)."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = dict(os.environ, MLFLOW_TRACKING_URI=trained_store.uri, ROBUSTFLOW_DATA=str(shared_data))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(key, None)
+    from support import mlflow_run_env
+
+    env = mlflow_run_env(trained_store.uri, shared_data)
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(repo), "-e", "evaluate", "--env-manager", "local",

@@ -32,6 +32,9 @@ from components.modes import model_mode
 STAGES: dict[str, tuple[str, ...]] = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "dev": ("apgd-ce", "apgd-t"),
+    # The first stage alone, a tenth of dev's cost: for smoke runs (the table command under `smoke`), whose
+    # numbers only show that the pipeline works.
+    "apgd-ce": ("apgd-ce",),
 }
 
 
@@ -67,7 +70,8 @@ def _capture_warnings(logger: logging.Logger) -> Iterator[_Capture]:
 class AutoAttack:
     """L-inf AutoAttack at radius ``eps`` (pixel space): ``attack(model, x, y) -> x_adv``.
 
-    * ``version``: ``'standard'`` (APGD-CE, APGD-T x9, FAB-T x9, Square 5000) or ``'dev'`` (APGD-CE, APGD-T).
+    * ``version``: ``'standard'`` (APGD-CE, APGD-T x9, FAB-T x9, Square 5000), ``'dev'`` (APGD-CE, APGD-T) or
+      ``'apgd-ce'`` (its first stage alone, for smoke runs).
     * ``batch_size``: the chunk size pyautoattack attacks at once (256 in the D2R evaluation).
     * ``seed``: pyautoattack's seed for every stage, for reproducible numbers.
 
