@@ -5,10 +5,15 @@ Every method in METHODS.md is this one step with different parts:
 1. the generator turns (models, x, y) into x_adv (and, for RegMix, x_init with its view);
 2. each view a loss term names is computed once, in train mode, in the order the terms first name it;
 3. the weighted loss is backpropagated into every trained model through one optimizer.
+
+A learned attacker (``attacker``, e.g. LAS-AT's strategy network; ``components.learned_attack``) is one
+more part: its models are not among ``models`` (the target's optimizer never sees them), the generator
+reads them through ``all_models``, and ``update_attacker`` lets it learn before the target's step.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import gin
@@ -16,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from components.attacks import PGDGenerator
+from components.learned_attack import Autocast, LearnedAttacker
 from components.losses import WeightedLoss
 from components.modes import model_mode
 from components.views import parse_view
@@ -31,12 +37,14 @@ class TrainingGraph(nn.Module):
         generator: PGDGenerator = gin.REQUIRED,
         loss: WeightedLoss = gin.REQUIRED,
         eval_model: str = "target",
+        attacker: LearnedAttacker | None = None,
     ) -> None:
         super().__init__()
         self.models = nn.ModuleDict(dict(models))
         self.generator = generator
         self.loss = loss
         self.eval_model = eval_model
+        self.attacker = attacker
         # Data-parallel wrappers used for the loss views (set by the trainer under torchrun); attacks and
         # metrics use the plain modules. A plain dict, so the wrappers are not registered submodules.
         self.parallel: dict[str, nn.Module] = {}
@@ -46,6 +54,10 @@ class TrainingGraph(nn.Module):
         known = set(self.models)
         if self.eval_model not in known:
             raise ValueError(f"eval_model {self.eval_model!r} is not one of the models {sorted(known)}")
+        owned = set(self.attacker.models) if self.attacker is not None else set()
+        if owned & known:
+            raise ValueError(f"the attacker's models {sorted(owned & known)} are also TrainingGraph.models")
+        known |= owned
         for name in self.generator.models_used:
             if name not in known:
                 raise ValueError(
@@ -71,7 +83,7 @@ class TrainingGraph(nn.Module):
         Any part may define ``set_epoch(epoch, epochs)``: the generator, its objective and init, and each
         loss term (FAT's tau, GAIRAT's burn-in and lambda, AWP's warm-up are epoch schedules in their code).
         """
-        parts = [self.generator, self.generator.objective, self.generator.init]
+        parts = [self.generator, self.generator.objective, self.generator.init, self.attacker]
         parts += [term for _, term in self.loss.terms.values()]
         for part in parts:
             hook = getattr(part, "set_epoch", None)
@@ -83,6 +95,23 @@ class TrainingGraph(nn.Module):
         """The model that is evaluated, checkpointed as 'best' and registered."""
         return self.models[self.eval_model]
 
+    @property
+    def all_models(self) -> dict[str, nn.Module]:
+        """Every named model: ``models`` (trained by the target's optimizer) and the attacker's."""
+        return {**self.models, **(self.attacker.models if self.attacker is not None else {})}
+
+    def update_attacker(
+        self, x: Tensor, y: Tensor, lr: float, autocast: Autocast = contextlib.nullcontext
+    ) -> dict[str, Tensor] | None:
+        """Let the learned attacker (if any) take its own step on this batch, before the target's step.
+
+        ``lr`` is the target's current learning rate (LAS-AT's look-ahead copy steps with it). Returns the
+        attacker's metrics when it learned, else None.
+        """
+        if self.attacker is None:
+            return None
+        return self.attacker.update(self.all_models, self.generator, x, y, lr, autocast)
+
     def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor | dict[str, Tensor]]:
         """One forward of the method (attack + views + loss); the caller runs backward and the optimizer.
 
@@ -90,7 +119,7 @@ class TrainingGraph(nn.Module):
         and adversarial inputs for accuracy (computed without gradient in eval mode only when no loss term
         already reads them, so metrics never add a train-mode forward that would move BN statistics).
         """
-        attack = self.generator(self.models, x, y)
+        attack = self.generator(self.all_models, x, y)
         inputs = {"x": x, **attack.inputs}
         views: dict[str, Tensor] = dict(attack.views)
         for name in self.loss.views:
