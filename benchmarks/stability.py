@@ -50,6 +50,7 @@ DEFAULT_METHODS = (
     "regmix_cifar10",
     "pgd2_mse_cifar10",
     "mart_cifar10",
+    "las_at_cifar10",
 )
 DATA = Path(os.environ.get("ROBUSTFLOW_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
@@ -217,6 +218,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attack-steps", type=int, default=None, help="override ATTACK_STEPS (default: config's)"
     )
     parser.add_argument("--profile", default="", help="gin files appended to each experiment, e.g. 'stable'")
+    parser.add_argument(
+        "--overrides",
+        default="",
+        help="more gin bindings for every run, ';'-separated (e.g. a method's own sizes: "
+        "'STRATEGY_ITERATIONS = (3, 4, 5)')",
+    )
     parser.add_argument("--factor", type=float, default=10.0, help="diverged: loss > factor x first loss")
     parser.add_argument(
         "--reference",
@@ -265,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if args.attack_steps is not None:
                 overrides.append(f"ATTACK_STEPS = {args.attack_steps}")
+            overrides += [o.strip() for o in args.overrides.split(";") if o.strip()]
             for plan in plans:
                 exp = build(method, profile, overrides)
                 reference = args.reference and method == "d2r_cag_cifar10"
@@ -330,6 +338,7 @@ def table(results: list[Trajectory], args: argparse.Namespace) -> str:
     lines = [
         f"Settings: batch {args.batch_size}, {args.phases or str(args.steps) + ' steps'}, attack steps "
         f"{args.attack_steps or 'as configured'}, guide {args.guide}, profile '{args.profile or 'none'}', "
+        f"{('overrides ' + repr(args.overrides) + ', ') if getattr(args, 'overrides', '') else ''}"
         f"device {args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads. Diverged = loss > {args.factor:g}x step 1 or non-finite.",
         "",

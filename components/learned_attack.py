@@ -103,7 +103,9 @@ class LookaheadReward:
         if tuple(loss.views) != (expected,):
             raise ValueError(f"LookaheadReward.loss must read only {expected!r}, it reads {loss.views}")
         if not (isinstance(steps, int) and steps >= 1 and isinstance(restarts, int) and restarts >= 1):
-            raise ValueError(f"LookaheadReward: steps and restarts must be integers >= 1, got {steps}, {restarts}")
+            raise ValueError(
+                f"LookaheadReward: steps and restarts must be integers >= 1, got {steps}, {restarts}"
+            )
         if len(weights) != 3:
             raise ValueError(f"LookaheadReward.weights must be (a, b, c), got {weights!r}")
         self.loss, self.model = loss, model
@@ -129,7 +131,9 @@ class LookaheadReward:
         shadow.train()
         with autocast():
             shadow_loss = self.loss({f"{self.model}(x_adv)": shadow(x_adv)}, y)
-        opt = torch.optim.SGD(shadow.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(
+            shadow.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
         opt.zero_grad()
         shadow_loss.backward()
         opt.step()
@@ -154,7 +158,8 @@ class LearnedAttacker(nn.Module):
 
     * ``models``: the named models it owns (kept out of ``TrainingGraph.models``).
     * ``metric_names``: what ``update`` returns when it learned (``train/<name>/<metric>``, and the guard).
-    * ``bind(steps_per_epoch, epochs)``: called by the trainer once the run's length is known.
+    * ``bind(steps_per_epoch, epochs)``: called by the trainer once the run's length is known (``bind()``
+      without them outside a run).
     * ``update(models, generator, x, y, lr, autocast)``: before each target step; ``None`` when it did not
       learn this call.
     * ``training_state`` / ``load_training_state``: what the epoch checkpoint keeps.
@@ -166,7 +171,7 @@ class LearnedAttacker(nn.Module):
     def models(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
-    def bind(self, steps_per_epoch: int, epochs: int) -> None:
+    def bind(self, steps_per_epoch: int | None = None, epochs: int | None = None) -> None:
         raise NotImplementedError
 
     def update(
@@ -216,7 +221,9 @@ class PolicyGradientAttacker(LearnedAttacker):
         if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
             raise ValueError(f"PolicyGradientAttacker.every must be an integer >= 1, got {every!r}")
         if grad_clip_norm is not None and not grad_clip_norm > 0:
-            raise ValueError(f"PolicyGradientAttacker.grad_clip_norm must be > 0 or None, got {grad_clip_norm!r}")
+            raise ValueError(
+                f"PolicyGradientAttacker.grad_clip_norm must be > 0 or None, got {grad_clip_norm!r}"
+            )
         self.name = name
         self.model = model
         self.reward = reward
@@ -230,11 +237,12 @@ class PolicyGradientAttacker(LearnedAttacker):
     def models(self) -> dict[str, nn.Module]:
         return {self.name: self.model}
 
-    def bind(self, steps_per_epoch: int, epochs: int) -> None:
-        """Create the optimizer and its schedule for a run of ``epochs`` x ``steps_per_epoch`` target steps."""
+    def bind(self, steps_per_epoch: int | None = None, epochs: int | None = None) -> None:
+        """Create the optimizer, and its schedule for a run of ``epochs`` x ``steps_per_epoch`` target steps
+        (without them, as outside ``Trainer.fit``: a constant lr)."""
         self.optimizer = self.optimizer_fn(self.models)
         self.scheduler = None
-        if self.schedule is not None:
+        if self.schedule is not None and steps_per_epoch is not None and epochs is not None:
             self.scheduler = make_lr_scheduler(self.optimizer, self.schedule, steps_per_epoch, epochs)
 
     def update(
@@ -246,18 +254,23 @@ class PolicyGradientAttacker(LearnedAttacker):
         lr: float,
         autocast: Autocast = contextlib.nullcontext,
     ) -> dict[str, Tensor] | None:
-        """One policy-gradient step on the clean batch ``x`` every ``every`` calls; the target is not changed."""
+        """A policy-gradient step on the clean batch ``x`` every ``every`` calls; the target is unchanged."""
         self.calls += 1
         if self.calls % self.every:
             return None
         if self.optimizer is None:  # used outside Trainer.fit (bench, tests): no schedule
-            self.bind(1, 1)
+            self.bind()
         with autocast():
             strategy = generator.sample(models, x, train=True)
             x_adv = generator.attack(models, x, y, strategy)
         out = self.reward(models, x, y, x_adv, lr, autocast)
         policy_loss = sum((-lp * out["reward"]).mean() for lp in strategy.log_probs)
         self.optimizer.zero_grad(set_to_none=True)
+        if not bool(torch.isfinite(policy_loss)):
+            # Keep the strategy's weights finite and report the loss: the divergence guard stops the run
+            # naming attacker/policy_loss. (NaN weights would instead fail the next sampling with an
+            # opaque Categorical error.) One host read per update; the look-ahead reads more.
+            return {"policy_loss": policy_loss.detach(), **out}
         policy_loss.backward()
         if self.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)

@@ -105,7 +105,7 @@ def sample_strategy(model: nn.Module, x: Tensor, space: StrategySpace) -> Strate
 
 
 def uniform_channel_init(x: Tensor, radius: float) -> Tensor:
-    """``delta ~ U(-radius, radius)`` drawn channel by channel as the code does, clipped so x + delta is in [0, 1].
+    """``delta ~ U(-radius, radius)``, channel by channel as the code does, clipped so x + delta is in [0, 1].
 
     Drawing per channel (``delta[:, c].uniform_``) reproduces the code's random numbers under a seed.
     """
@@ -157,7 +157,7 @@ class StrategyPGDGenerator:
 
     @property
     def steps(self) -> int:
-        """The most attack steps a batch can run (the largest candidate); what the bench's accounting reads."""
+        """The most attack steps a batch can run (the largest candidate): what the bench counts."""
         return max(self.space.iterations)
 
     def sample(self, models: Mapping[str, nn.Module], x: Tensor, train: bool) -> Strategy:

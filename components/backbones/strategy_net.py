@@ -21,7 +21,7 @@ from .registry import build_backbone
 
 
 def _drop_classifier(net: nn.Module) -> int:
-    """Replace the last ``nn.Linear`` of ``net`` by the identity; return its input width (the feature size)."""
+    """Replace the last ``nn.Linear`` of ``net`` by the identity; return its input width (the features)."""
     linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(net).__name__} has no nn.Linear classifier to replace with strategy heads")
