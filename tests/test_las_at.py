@@ -124,7 +124,7 @@ def test_las_at_target_step_is_the_authors_code_on_resnet18():
         assert torch.equal(v, strategy_before[k]), k
 
 
-def test_las_at_update_step_is_the_authors_code_on_resnet18():
+def test_las_at_update_step_is_the_authors_code_on_resnet18(monkeypatch):
     """A batch with a strategy update (every = 1 here): the policy step on the look-ahead reward, then
     the target step, as the code's train() runs them. Sizes shrunk for the CPU: candidate iterations
     (1, 2, 3) and a 3-step look-ahead PGD (2 restarts)."""
@@ -143,6 +143,20 @@ def test_las_at_update_step_is_the_authors_code_on_resnet18():
     args = ref.Args(attack_iters_types=[1, 2, 3], pgd_iters=3)
     torch.manual_seed(1)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    # Keep both look-ahead copies (each side deep-copies the target once) to compare them afterwards.
+    copies, depth, deepcopy = [], [0], copy.deepcopy
+
+    def recording_deepcopy(obj, *args):
+        depth[0] += 1  # copy.deepcopy recurses through the module attribute: record the outer call only
+        try:
+            result = deepcopy(obj, *args)
+        finally:
+            depth[0] -= 1
+        if depth[0] == 0:
+            copies.append(result)
+        return result
+
+    monkeypatch.setattr(copy, "deepcopy", recording_deepcopy)
 
     torch.manual_seed(2)
     out = exp.trainer.train_step(graph, optimizer, x, y, CPU)
@@ -152,6 +166,10 @@ def test_las_at_update_step_is_the_authors_code_on_resnet18():
     )
     theirs = ref.target_step(ref_strategy, ref_target, ref_optimizer, x, y, args)
 
+    monkeypatch.undo()
+    # The look-ahead copies after their SGD step and train-mode PGD: weights and BN statistics.
+    ours_copy, their_copy = [c for c in copies if isinstance(c, type(graph.target))]
+    _assert_same_model(ours_copy, their_copy, grads=False)
     learned = out["attacker"]
     for key, value in (("reward", reward), ("r1", r1), ("r2", r2), ("r3", r3)):
         torch.testing.assert_close(learned[key], value.float(), rtol=1e-6, atol=1e-7, msg=key)
