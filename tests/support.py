@@ -121,3 +121,27 @@ def bench_without_mlflow(argv: list[str]):
         "sys.exit(rc)\n"
     )
     return run_python_without(code)
+
+
+def fit_tiny(spec: str, overrides: str, checkpoint_dir, stop_after_steps=None, resume_from=None):
+    """``Trainer.fit`` of the config ``spec`` + ``overrides`` in-process on the CPU, optionally stopped (as
+    SIGTERM would) once ``stop_after_steps`` steps ran. Returns ``(TrainResult or None if stopped, exp)``."""
+    from components.experiment import experiment
+    from components.training import TrainingInterruptedError
+    from pipeline.config import load_config
+
+    load_config(spec, overrides)
+    exp = experiment()
+    steps = {"n": 0}
+
+    def should_stop():
+        steps["n"] += 1
+        return stop_after_steps is not None and steps["n"] > stop_after_steps
+
+    try:
+        result = exp.trainer.fit(
+            exp.graph, exp.data, "cpu", checkpoint_dir, resume_from=resume_from, should_stop=should_stop
+        )
+    except TrainingInterruptedError:
+        return None, exp
+    return result, exp

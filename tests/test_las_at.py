@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from support import SHAPE, TINY, binary_linear
+from support import SHAPE, TINY, binary_linear, fit_tiny
 
 from benchmarks import reference_las_at as ref
 from components.attacks import CEObjective, Strategy, StrategyPGDGenerator, StrategySpace
@@ -213,26 +213,8 @@ def test_the_strategy_is_not_trained_by_the_targets_optimizer_nor_the_target():
 def _fit(tmp_path, stop_after_steps=None, resume_from=None, overrides=""):
     """Train the tiny LAS-AT smoke config for 2 epochs (4 steps each, a strategy update every 3; candidate
     iterations 2, 3 to keep it short)."""
-    from components.training import TrainingInterruptedError
-
-    load_config(
-        "las_at_cifar10,smoke",
-        f"EPOCHS = 2; {TINY}; PolicyGradientAttacker.every = 3; STRATEGY_ITERATIONS = (2, 3){overrides}",
-    )
-    exp = experiment()
-    steps = {"n": 0}
-
-    def should_stop():
-        steps["n"] += 1
-        return stop_after_steps is not None and steps["n"] > stop_after_steps
-
-    try:
-        result = exp.trainer.fit(
-            exp.graph, exp.data, "cpu", tmp_path, resume_from=resume_from, should_stop=should_stop
-        )
-    except TrainingInterruptedError:
-        return None, exp
-    return result, exp
+    base = f"EPOCHS = 2; {TINY}; PolicyGradientAttacker.every = 3; STRATEGY_ITERATIONS = (2, 3)"
+    return fit_tiny("las_at_cifar10,smoke", base + overrides, tmp_path, stop_after_steps, resume_from)
 
 
 def test_resume_continues_the_strategy_identically(shared_data, tmp_path):
