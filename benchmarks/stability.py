@@ -57,6 +57,7 @@ DEFAULT_METHODS = (
     "pgd_at_awp_cifar10",
     "trades_awp_cifar10",
     "rat_trades_cifar10",
+    "las_at_cifar10",
 )
 DATA = Path(os.environ.get("ROBUSTFLOW_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
@@ -224,6 +225,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attack-steps", type=int, default=None, help="override ATTACK_STEPS (default: config's)"
     )
     parser.add_argument("--profile", default="", help="gin files appended to each experiment, e.g. 'stable'")
+    parser.add_argument(
+        "--overrides",
+        default="",
+        help="more gin bindings for every run, ';'-separated (e.g. a method's own sizes: "
+        "'STRATEGY_ITERATIONS = (3, 4, 5)')",
+    )
     parser.add_argument("--factor", type=float, default=10.0, help="diverged: loss > factor x first loss")
     parser.add_argument(
         "--reference",
@@ -279,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if args.attack_steps is not None:
                 overrides.append(f"ATTACK_STEPS = {args.attack_steps}")
+            overrides += [o.strip() for o in args.overrides.split(";") if o.strip()]
             for plan in plans:
                 exp = build(method, profile, overrides)
                 exp.graph.set_epoch(args.epoch, exp.trainer.epochs)
@@ -346,6 +354,7 @@ def table(results: list[Trajectory], args: argparse.Namespace) -> str:
         f"Settings: batch {args.batch_size}, {args.phases or str(args.steps) + ' steps'}, attack steps "
         f"{args.attack_steps or 'as configured'}, guide {args.guide}, profile '{args.profile or 'none'}', "
         f"epoch {getattr(args, 'epoch', 1)}, "
+        f"{('overrides ' + repr(args.overrides) + ', ') if getattr(args, 'overrides', '') else ''}"
         f"device {args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads. Diverged = loss > {args.factor:g}x step 1 or non-finite.",
         "",

@@ -10,6 +10,7 @@ from components import (  # noqa: F401  (imported for gin registration)
     eval,
     experiment,
     graph,
+    learned_attack,
     losses,
     method,
     optim,

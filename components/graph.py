@@ -5,10 +5,15 @@ Every method in METHODS.md is this one step with different parts:
 1. the generator turns (models, x, y) into x_adv (and, for RegMix, x_init with its view);
 2. each view a loss term names is computed once, in train mode, in the order the terms first name it;
 3. the weighted loss is backpropagated into every trained model through one optimizer.
+
+A learned attacker (``attacker``, e.g. LAS-AT's strategy network; ``components.learned_attack``) is one
+more part: its models are not among ``models`` (the target's optimizer never sees them), the generator
+reads them through ``all_models``, and ``update_attacker`` lets it learn before the target's step.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from components.attacks import PGDGenerator
+from components.learned_attack import Autocast, LearnedAttacker
 from components.losses import WeightedLoss
 from components.modes import model_mode
 from components.views import parse_view
@@ -35,6 +41,7 @@ class TrainingGraph(nn.Module):
         perturbation: Any = None,
         bn_forwards: Sequence[str] = (),
         post_step_forwards: Sequence[str] = (),
+        attacker: LearnedAttacker | None = None,
     ) -> None:
         super().__init__()
         self.models = nn.ModuleDict(dict(models))
@@ -50,6 +57,7 @@ class TrainingGraph(nn.Module):
         self.bn_forwards = tuple(str(parse_view(v)) for v in bn_forwards)
         self.post_step_forwards = tuple(str(parse_view(v)) for v in post_step_forwards)
         self._pending_inputs: dict[str, Tensor] | None = None
+        self.attacker = attacker
         # Data-parallel wrappers used for the loss views (set by the trainer under torchrun); attacks and
         # metrics use the plain modules. A plain dict, so the wrappers are not registered submodules.
         self.parallel: dict[str, nn.Module] = {}
@@ -59,6 +67,10 @@ class TrainingGraph(nn.Module):
         known = set(self.models)
         if self.eval_model not in known:
             raise ValueError(f"eval_model {self.eval_model!r} is not one of the models {sorted(known)}")
+        owned = set(self.attacker.models) if self.attacker is not None else set()
+        if owned & known:
+            raise ValueError(f"the attacker's models {sorted(owned & known)} are also TrainingGraph.models")
+        known |= owned
         for name in self.generator.models_used:
             if name not in known:
                 raise ValueError(
@@ -97,7 +109,7 @@ class TrainingGraph(nn.Module):
         Any part may define ``set_epoch(epoch, epochs)``: the generator, its objective and init, and each
         loss term (FAT's tau, GAIRAT's burn-in and lambda, AWP's warm-up are epoch schedules in their code).
         """
-        parts = [self.generator, self.generator.objective, self.generator.init]
+        parts = [self.generator, self.generator.objective, self.generator.init, self.attacker]
         parts += [term for _, term in self.loss.terms.values()]
         parts.append(self.perturbation)
         for part in parts:
@@ -110,6 +122,23 @@ class TrainingGraph(nn.Module):
         """The model that is evaluated, checkpointed as 'best' and registered."""
         return self.models[self.eval_model]
 
+    @property
+    def all_models(self) -> dict[str, nn.Module]:
+        """Every named model: ``models`` (trained by the target's optimizer) and the attacker's."""
+        return {**self.models, **(self.attacker.models if self.attacker is not None else {})}
+
+    def update_attacker(
+        self, x: Tensor, y: Tensor, lr: float, autocast: Autocast = contextlib.nullcontext
+    ) -> dict[str, Tensor] | None:
+        """Let the learned attacker (if any) take its own step on this batch, before the target's step.
+
+        ``lr`` is the target's current learning rate (LAS-AT's look-ahead copy steps with it). Returns the
+        attacker's metrics when it learned, else None.
+        """
+        if self.attacker is None:
+            return None
+        return self.attacker.update(self.all_models, self.generator, x, y, lr, autocast)
+
     def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor | dict[str, Tensor]]:
         """One forward of the method (attack + views + loss); the caller runs backward and the optimizer.
 
@@ -119,7 +148,7 @@ class TrainingGraph(nn.Module):
         With a weight perturbation the models hold perturbed weights from here until ``finish_step()``
         (``Trainer.train_step`` calls it after the optimizer step); metrics logits are then perturbed ones.
         """
-        attack = self.generator(self.models, x, y)
+        attack = self.generator(self.all_models, x, y)
         inputs = {"x": x, **attack.inputs}
         views: dict[str, Tensor] = dict(attack.views)
         if self.perturbation is not None:

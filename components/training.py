@@ -59,6 +59,20 @@ def step_losses(out: dict[str, Any], term_names: list[str]) -> torch.Tensor:
     )
 
 
+def attacker_metrics(graph: TrainingGraph) -> list[str]:
+    """``attacker/<metric>`` for each metric the graph's learned attacker reports (none without one)."""
+    if graph.attacker is None:
+        return []
+    return [f"attacker/{m}" for m in graph.attacker.metric_names]
+
+
+def learned_stats(out: dict[str, Any], names: list[str], device: torch.device) -> torch.Tensor:
+    """The attacker's metrics of one step as a float32 device tensor, zeros where it did not learn."""
+    if "attacker" not in out:
+        return torch.zeros(len(names), device=device)
+    return torch.stack([out["attacker"][n.split("/", 1)[1]].detach().float() for n in names])
+
+
 def resolve_auto(flag: bool | str, device: torch.device) -> bool:
     """A fast-path switch: ``'auto'`` means on CUDA only."""
     return device.type == "cuda" if flag == "auto" else bool(flag)
@@ -152,10 +166,14 @@ class Trainer:
         """One optimizer step of the method: ``graph.step`` under autocast, backward, optional clipping, step,
         then ``graph.finish_step`` (restore a weight perturbation, post-step forwards).
 
+        A learned attacker (``graph.attacker``) first takes its own step on the batch (it decides whether
+        it learns at this call), at the target's current lr; its metrics come back as ``attacker``.
         Returns ``graph.step``'s outputs, plus ``grad_norm`` (the pre-clip global norm, on the device) when
         ``grad_clip_norm`` is set. Shared by the epoch loop and the benchmarks, so they time and study the
         step that training runs.
         """
+        lr = optimizer.param_groups[0]["lr"]
+        learned = graph.update_attacker(x, y, lr, lambda: self.autocast(device))
         with self.autocast(device):
             out = graph.step(x, y)
         try:
@@ -172,6 +190,8 @@ class Trainer:
         # Restores a weight perturbation (AWP) right after the step, before anything reads the weights.
         with self.autocast(device):
             graph.finish_step()
+        if learned is not None:
+            out["attacker"] = learned
         return out
 
     def fit(
@@ -186,6 +206,11 @@ class Trainer:
     ) -> TrainResult:
         """Train for ``epochs`` (continuing after the epoch stored in ``resume_from``, if given)."""
         device = torch.device(device)
+        if graph.attacker is not None and dist.is_distributed():
+            raise ValueError(
+                "a learned attacker (TrainingGraph.attacker) learns from one process's batches; under "
+                "torchrun each rank would train its own: run it on one process"
+            )
         checkpoint_dir = Path(checkpoint_dir)
         last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
         torch.manual_seed(self.seed)
@@ -200,8 +225,14 @@ class Trainer:
         scheduler = make_lr_scheduler(
             optimizer, self.schedule, steps_per_epoch, self.epochs, ramp_epochs=self.lr_ramp_epochs
         )
+        if graph.attacker is not None:
+            graph.attacker.bind(steps_per_epoch, self.epochs)
         guard = DivergenceGuard(
-            list(graph.loss.terms), device, steps_per_epoch, self.check_every, self.max_loss
+            list(graph.loss.terms) + attacker_metrics(graph),
+            device,
+            steps_per_epoch,
+            self.check_every,
+            self.max_loss,
         )
         start_epoch, history, best = 0, [], {self.selection_metric: -math.inf, "epoch": 0}
         if resume_from is not None:
@@ -210,6 +241,8 @@ class Trainer:
                 model.load_state_dict(state["models"][name])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if graph.attacker is not None:
+                graph.attacker.load_training_state(state["attacker"])
             if len(state["ranks"]) != world:
                 raise ValueError(
                     f"checkpoint {resume_from} was written by {len(state['ranks'])} process(es), "
@@ -239,18 +272,18 @@ class Trainer:
                     best = {self.selection_metric: metrics[self.selection_metric], "epoch": epoch}
                     state = {"model": graph.target.state_dict(), "epoch": epoch, "metrics": metrics}
                     save_checkpoint(state, best_path)
-                save_checkpoint(
-                    {
-                        "epoch": epoch,
-                        "models": {n: m.state_dict() for n, m in graph.models.items()},
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "ranks": rank_states,
-                        "history": history,
-                        "best": best,
-                    },
-                    last_path,
-                )
+                last = {
+                    "epoch": epoch,
+                    "models": {n: m.state_dict() for n, m in graph.models.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "ranks": rank_states,
+                    "history": history,
+                    "best": best,
+                }
+                if graph.attacker is not None:
+                    last["attacker"] = graph.attacker.training_state()
+                save_checkpoint(last, last_path)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, metrics, {"last": last_path, "best": best_path})
             dist.barrier()
@@ -272,6 +305,10 @@ class Trainer:
         term_names = list(graph.loss.terms)
         # [total loss, each term, clean correct, adv correct], summed over examples, on the device.
         sums = torch.zeros(len(term_names) + 3, dtype=torch.float64, device=device)
+        # The learned attacker's metrics, summed over the steps at which it learned (counted on the host).
+        learned_names = attacker_metrics(graph)
+        learned_sums = torch.zeros(len(learned_names), dtype=torch.float64, device=device)
+        learned_count = 0
         grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
         step = (epoch - 1) * len(loader)  # global step, 1-indexed once incremented
         seen = 0
@@ -301,16 +338,23 @@ class Trainer:
             step += 1
             b = y.shape[0]
             stats = step_losses(out, term_names)
+            if learned_names:
+                # The guard watches the attacker's loss too (zeros at steps where it did not learn).
+                learned = learned_stats(out, learned_names, device)
+                if "attacker" in out:
+                    learned_sums += learned.double()
+                    learned_count += 1
+                stats = torch.cat([stats, learned])
             guard.update(stats, step)
             if guard.due(step):
                 self._check(guard, epoch, device)
-            sums[: len(term_names) + 1] += stats.double() * b
+            sums[: len(term_names) + 1] += stats[: len(term_names) + 1].double() * b
             sums[-2] += (out["clean_logits"].argmax(1) == y).sum()
             sums[-1] += (out["adv_logits"].argmax(1) == y).sum()
             seen += b
         # Before validation and the checkpoint: a diverged epoch never becomes last.pt or best.pt.
         self._check(guard, epoch, device)
-        guard.check_parameters(graph.models.items(), epoch, step)
+        guard.check_parameters(graph.all_models.items(), epoch, step)
         if distributed:
             sums = dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([seen])]))
             sums, seen = sums[:-1], int(sums[-1].item())
@@ -329,6 +373,9 @@ class Trainer:
         )
         if self.grad_clip_norm is not None:
             metrics["train/grad_norm"] = grad_norm_sum.item() / max(len(loader), 1)
+        if learned_count:
+            means = (learned_sums / learned_count).tolist()
+            metrics.update({f"train/{n}": v for n, v in zip(learned_names, means)})
         return metrics
 
     @staticmethod

@@ -199,3 +199,27 @@ def mlflow_run_env(tracking_uri: str, data) -> dict[str, str]:
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         env.pop(key, None)
     return env
+
+
+def fit_tiny(spec: str, overrides: str, checkpoint_dir, stop_after_steps=None, resume_from=None):
+    """``Trainer.fit`` of the config ``spec`` + ``overrides`` in-process on the CPU, optionally stopped (as
+    SIGTERM would) once ``stop_after_steps`` steps ran. Returns ``(TrainResult or None if stopped, exp)``."""
+    from components.experiment import experiment
+    from components.training import TrainingInterruptedError
+    from pipeline.config import load_config
+
+    load_config(spec, overrides)
+    exp = experiment()
+    steps = {"n": 0}
+
+    def should_stop():
+        steps["n"] += 1
+        return stop_after_steps is not None and steps["n"] > stop_after_steps
+
+    try:
+        result = exp.trainer.fit(
+            exp.graph, exp.data, "cpu", checkpoint_dir, resume_from=resume_from, should_stop=should_stop
+        )
+    except TrainingInterruptedError:
+        return None, exp
+    return result, exp

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from support import TINY, cpu_args
+from support import TINY, cpu_args, fit_tiny
 
 from components.checkpoint import load_checkpoint
 from pipeline.train import EXIT_TERMINATED, EXIT_USAGE, main
@@ -70,25 +70,7 @@ def test_train_d2r_cag_smoke_end_to_end(trained_store):
 
 def _fit(tmp_path, stop_after_steps=None, resume_from=None):
     """Train the tiny D2R-CAG smoke config for 2 epochs in-process, optionally stopping mid-way."""
-    from components.experiment import experiment
-    from components.training import TrainingInterruptedError
-    from pipeline.config import load_config
-
-    load_config("d2r_cag_cifar10,smoke", f"EPOCHS = 2; {TINY}")
-    exp = experiment()
-    steps = {"n": 0}
-
-    def should_stop():
-        steps["n"] += 1
-        return stop_after_steps is not None and steps["n"] > stop_after_steps
-
-    try:
-        result = exp.trainer.fit(
-            exp.graph, exp.data, "cpu", tmp_path, resume_from=resume_from, should_stop=should_stop
-        )
-    except TrainingInterruptedError:
-        return None, exp
-    return result, exp
+    return fit_tiny("d2r_cag_cifar10,smoke", f"EPOCHS = 2; {TINY}", tmp_path, stop_after_steps, resume_from)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from components.attacks.inits import GaussianInit, Init, RandomSignInit, Uniform
 from components.attacks.noisy_copy import NoisyCopyGenerator
 from components.attacks.objectives import CEObjective, Objective, SoftLabelKLObjective
 from components.attacks.pgd import AttackResult, PGDGenerator, check_eps, project
+from components.attacks.strategy import Strategy, StrategyPGDGenerator, StrategySpace, sample_strategy
 
 __all__ = [
     "AttackResult",
@@ -20,8 +21,12 @@ __all__ = [
     "RandomSignInit",
     "SoftLabelKLObjective",
     "StopCriterion",
+    "Strategy",
+    "StrategyPGDGenerator",
+    "StrategySpace",
     "UniformInit",
     "ZeroInit",
     "check_eps",
     "project",
+    "sample_strategy",
 ]

@@ -4,7 +4,7 @@ Importing this package registers every architecture; build them by name with :fu
 """
 
 # The architecture modules are imported for their side effect of registering themselves.
-from . import preact_resnet, resnet, small_cnn, wideresnet  # noqa: F401
+from . import preact_resnet, resnet, small_cnn, strategy_net, wideresnet  # noqa: F401
 from .flops import count_forward_flops
 from .registry import (
     BACKBONES,
