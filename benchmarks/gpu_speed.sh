@@ -2,7 +2,7 @@
 # The GPU measurements of the "Speed on the GPU" issue, as one prepared script (docs/benchmarks.md).
 # Run from the project root on a CUDA machine, after ../shared/gpu/pack.sh has packed .gpu/ here:
 #
-#   benchmarks/gpu_speed.sh [STAGE ...]     # stages: before switches stable prn18 learn stability
+#   benchmarks/gpu_speed.sh [STAGE ...]     # stages: before switches stable prn18 learn stability table1
 #                                           # (default: before switches; issue 8's GPU checks: stability learn)
 #
 # Each stage writes its bench.md/bench.json (or learn.md/json/png) under $OUT (default gpu_out/). Nothing
@@ -60,6 +60,13 @@ stage_learn() {  # issue 8's learning check: every method, PreActResNet-18, 5 ep
     python -m pipeline.learn --target preact_resnet18 --guide resnet18_lbgat --epochs 5 --train-size 19000 \
       --val-size 1000 --batch-size 128 --attack-steps config --profile stable --out "$OUT/learn_prn18_stable" || true
   fi
+}
+
+stage_table1() {  # issue 16's GPU check: the D2R Table-1 CIFAR-10 rows on PreActResNet-18, 3 epochs each, through
+  # Trainer.fit (no MLflow on the GPU machine); the rows' experiments as gin/tables/d2r_table1_cifar10.gin lists them
+  python -m pipeline.learn --methods pgd_at_cifar10,trades_cifar10,mart_cifar10,lbgat_cifar10,fat_cifar10,gairat_cifar10,pgd_at_awp_cifar10,las_at_cifar10,rat_trades_cifar10,sat_cifar10,d2r_cag_cifar10 \
+    --target preact_resnet18 --guide resnet18_lbgat --epochs 3 --train-size 19000 --val-size 1000 \
+    --batch-size 128 --attack-steps config --out "$OUT/table1_prn18" || true
 }
 
 stages=("$@")
