@@ -99,7 +99,7 @@ def test_training_run_card_params_datasets_and_no_machine_path(shared_data, mlfl
         assert row in loss, (row, loss)
     attacks = card[card.index("## Attacks") : card.index("## Selected")]
     assert "3 steps of 0.007 in the L-inf 0.031 ball" in attacks
-    assert "soft_label_model='guide'" in attacks and "GaussianInit(std=0.001)" in attacks
+    assert "soft_label_model='guide'" in attacks and "GaussianInit(clip=False, std=0.001)" in attacks
     assert "PGD-20, eps 8/255, step 2/255" in attacks
     assert "Epoch **1** of 1" in card and "Not evaluated yet" in card
     assert card == mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_card.md")
