@@ -42,17 +42,18 @@ def _complete_trials(tmp_path) -> list[int]:
 def test_sigterm_to_the_command_requeues_every_running_trial_and_leaves_no_worker(
     shared_data, mlflow_store, tmp_path
 ):
-    # 4 trials of 4 epochs: when each worker has finished epoch 1 of its first trial, both are mid-trial with
-    # steps left (a trial in its last epoch's validation would complete before it sees the signal).
+    # 4 trials of 20 epochs: when each worker has finished epoch 1 of its first trial, both are mid-trial with
+    # steps left. A trial must outlast the second worker's start-up (imports, stores): with 4 epochs of this
+    # tiny run the first worker once finished its whole trial before the second printed its epoch 1.
     cmd = tune_command(*ARGS[:1], "4", *ARGS[2:], "--workers", "2")
-    cmd[cmd.index("--overrides") + 1] = TINY.replace("EPOCHS = 2", "EPOCHS = 4")
+    cmd[cmd.index("--overrides") + 1] = TINY.replace("EPOCHS = 2", "EPOCHS = 20")
     parent = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True)
     lines, epochs = [], 0
     for line in parent.stderr:
         lines.append(line)
         if line.startswith("robustflow tune: started 2 workers"):
             workers = [int(p) for p in line.split("pids ", 1)[1].rstrip(")\n").split(", ")]
-        epochs += line.startswith("epoch 1/4")
+        epochs += line.startswith("epoch 1/20")
         if epochs == 2:  # both workers are in their first trial (each has finished its epoch 1)
             break
     parent.send_signal(signal.SIGTERM)
