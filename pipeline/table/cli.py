@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--n",
         default="auto",
-        help="test images per evaluation: all, a number, or auto (all; 256 under smoke)",
+        help="test images per evaluation: all, a number, or auto (all; 128 under smoke)",
     )
     parser.add_argument(
         "--retry-failed", action="store_true", help="train again the rows whose earlier run diverged"
