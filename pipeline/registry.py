@@ -86,6 +86,13 @@ def log_model(model: nn.Module, input_shape: tuple[int, ...], name: str = MODEL_
         )
     finally:
         model.to(device)
+    # The logged model copies the run's source tags (the script's local path, e.g. a venv inside the clone).
+    from pipeline.tracking import scrub
+
+    tags = mlflow.get_logged_model(info.model_id).tags
+    fixed = {k: scrub(v) for k, v in tags.items() if k.startswith("mlflow.source.") and scrub(v) != v}
+    if fixed:
+        mlflow.set_logged_model_tags(info.model_id, fixed)
     return info.model_uri
 
 
