@@ -73,7 +73,10 @@ def _logged_strings(client: mlflow.MlflowClient, name: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- the training run
 
 
-def test_training_run_card_params_datasets_and_no_machine_path(shared_data, mlflow_store):
+def test_training_run_card_params_datasets_and_no_machine_path(shared_data, mlflow_store, monkeypatch):
+    # MLflow samples system metrics every 10 s by default; this one-epoch run may end sooner (it did on CI).
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     assert train(["--gin", SMOKE, "--overrides", ONE_EPOCH, "--device", "cpu"]) == 0
     client = mlflow.MlflowClient()
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
