@@ -233,33 +233,47 @@ def test_a_study_over_a_recipe_that_always_diverges_ends_with_its_trials_all_div
 
 # The eight methods robustflow had before the Table-1 rows. The Table-1 rows (the rest of the stability
 # study's list) are checked step by step against their authors' code and stepped under smoke by
-# test_configs.py; a 4-epoch learning run of all sixteen doubles this test, and FAT for TRADES ends at
-# 0.137 clean, inside the noise band at this size (docs/stability.md, "The Table-1 rows under smoke").
+# test_configs.py. One learning run (D2R-CAG, the main method) carries the above-chance bar; the others run
+# one short epoch each: a learning run of every method cost four minutes of an eight-minute suite, and their
+# losses are pinned to their authors' steps (test_mart.py, test_losses.py, ...), where a sign error shows.
 CIFAR10_METHODS = DEFAULT_METHODS[:8]
 
 
-@pytest.mark.slow
-def test_every_cifar10_method_under_smoke_ends_finite_and_above_chance(shared_data, tmp_path):
-    """The smoke profile's sizes (2,048 images, 4 epochs, 256 validation images) on the real shards, through
-    Trainer.fit with the guard on; validation by PGD-5 rather than PGD-20 (a quarter of the attack steps: the
-    bar is above chance, not a robustness figure). CIFAR-100 and Tiny ImageNet have no offline copy here."""
+def _learn(tmp_path: Path, methods: list[str], epochs: int, train_size: int, val_size: int) -> dict:
     from pipeline import learn
 
     argv = [
-        "--methods", ",".join(CIFAR10_METHODS), "--profile", "smoke", "--target", "small_cnn",
-        "--guide", "small_cnn", "--epochs", "4", "--train-size", "2048", "--val-size", "256",
+        "--methods", ",".join(methods), "--profile", "smoke", "--target", "small_cnn", "--guide", "small_cnn",
+        "--epochs", str(epochs), "--train-size", str(train_size), "--val-size", str(val_size),
         "--batch-size", "128", "--attack-steps", "3", "--val-steps", "5", "--out", str(tmp_path),
     ]  # fmt: skip
     assert learn.main(argv) == 0
     report = json.loads((tmp_path / "learn.json").read_text())
-    for summary, method in zip(report["summary"], report["methods"]):
+    for summary, method in zip(report["summary"], report["methods"], strict=True):
         name = summary["method"]
-        assert summary["status"] == "ok" and summary["epochs_run"] == 4, (name, summary["message"])
+        assert summary["status"] == "ok" and summary["epochs_run"] == epochs, (name, summary["message"])
         for epoch in method["epochs"]:
             losses = [v for k, v in epoch.items() if k.startswith("train/loss")]
-            assert all(math.isfinite(v) for v in losses), (name, epoch)
-        # Chance is 0.10; the clean bar is chance + 2 standard errors on 256 images.
-        assert summary["clean_above_chance"], (name, summary["last_val_clean"])
-        # Bare chance only: at this size LBGAT, PGD-AT and D2R-CAG end at 0.11-0.13, inside the noise band
-        # (docs/stability.md). It rules out an attack or a loss that drives robust accuracy to ~0.
-        assert summary["best_val_pgd"] > 0.10, (name, summary["best_val_pgd"])
+            assert losses and all(math.isfinite(v) for v in losses), (name, epoch)
+    assert [s["method"] for s in report["summary"]] == methods
+    return report
+
+
+@pytest.mark.slow
+def test_d2r_cag_under_smoke_ends_finite_and_above_chance(shared_data, tmp_path):
+    """The smoke profile's sizes (2,048 images, 4 epochs, 256 validation images) on the real shards, through
+    Trainer.fit with the guard on; validation by PGD-5 rather than PGD-20 (a quarter of the attack steps: the
+    bar is above chance, not a robustness figure). CIFAR-100 and Tiny ImageNet have no offline copy here."""
+    (summary,) = _learn(tmp_path, ["d2r_cag_cifar10"], epochs=4, train_size=2048, val_size=256)["summary"]
+    # Chance is 0.10; the clean bar is chance + 2 standard errors on 256 images.
+    assert summary["clean_above_chance"], summary["last_val_clean"]
+    # Bare chance only: at this size D2R-CAG ends at 0.11-0.13 robust, inside the noise band
+    # (docs/stability.md). It rules out an attack or a loss that drives robust accuracy to ~0.
+    assert summary["best_val_pgd"] > 0.10, summary["best_val_pgd"]
+
+
+@pytest.mark.slow
+def test_every_cifar10_method_trains_finite_through_fit_on_real_data(shared_data, tmp_path):
+    """Each of the eight through Trainer.fit (guard on, validation, checkpoint selection) for one epoch of
+    512 real images: every loss logged, all finite, the run ends ok."""
+    _learn(tmp_path, list(CIFAR10_METHODS), epochs=1, train_size=512, val_size=128)
