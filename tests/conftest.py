@@ -1,6 +1,7 @@
 """Shared test fixtures: offline data, an isolated MLflow store per test, a model trained once per session,
 quiet telemetry."""
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,17 @@ import pytest
 from support import SMOKE, cpu_args, unavailable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# Under pytest-xdist (the README's command runs one worker per core) each worker gets its share of the cores,
+# and so do the processes its tests start: torch's default of one thread per core in every worker (and in
+# every subprocess) oversubscribes the CPU, and spinning OpenMP threads then cost more than they give.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = str(_threads)
+    import torch
+
+    torch.set_num_threads(_threads)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ROBUSTFLOW_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -115,9 +127,27 @@ class TrainedStore:
 def _trained_snapshot(tmp_path_factory):
     if not (SHARED_DATA / "cifar10" / "train-1.npz").is_file():
         unavailable(f"offline CIFAR-10 shards not found under {SHARED_DATA} (set ROBUSTFLOW_TEST_DATA)")
-    root = tmp_path_factory.mktemp("trained")
+    # Trained once per test session, not once per pytest-xdist worker: the workers share the parent of
+    # their base temp folders, and the first to get the lock trains (pytest-xdist's documented pattern).
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root = shared / "trained"
+    from filelock import FileLock
+
+    with FileLock(str(shared / "trained.lock")):
+        done = root / "run.json"
+        if not done.is_file():
+            _train_snapshot(root)
+        record = json.loads(done.read_text())
+    return root / "store", root / "pristine", record["run_id"], record["log"]
+
+
+def _train_snapshot(root: Path) -> None:
+    """Train the shared model into ``root/store``, copy it to ``root/pristine``, write ``root/run.json``."""
+    shutil.rmtree(root, ignore_errors=True)  # a half-written one, from a worker that crashed
     work = root / "store"
-    work.mkdir()
+    work.mkdir(parents=True)
     env = dict(
         os.environ,
         MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
@@ -135,7 +165,7 @@ def _trained_snapshot(tmp_path_factory):
     assert out.returncode == 0, out.stderr[-3000:]
     run_id = re.search(r"robustflow: run (\w+) finished", out.stderr)[1]
     shutil.copytree(work, root / "pristine")
-    return work, root / "pristine", run_id, out.stderr
+    (root / "run.json").write_text(json.dumps({"run_id": run_id, "log": out.stderr}))
 
 
 @pytest.fixture

@@ -146,6 +146,7 @@ def _both_steps(config, epoch, proxy_lr, authors_step, reference_model, **kw):
     return graph, theirs, before, out["loss"], ref_loss, seen.seen, ref_seen
 
 
+@pytest.mark.slow
 def test_at_awp_step_is_the_authors_code_on_resnet18():
     """pgd_at_awp_cifar10 on a ResNet-18: attack (train mode), proxy, perturbed loss, step, restore, the
     logging forward, as AT_AWP/train_cifar10.py L314-369 runs them."""
@@ -161,6 +162,7 @@ def test_at_awp_step_is_the_authors_code_on_resnet18():
     assert not torch.equal(perturbed["linear.weight"], theirs.linear.weight)
 
 
+@pytest.mark.slow
 def test_trades_awp_step_is_the_authors_code_on_resnet18():
     """trades_awp_cifar10 after its warm-up (epoch 10: `epoch >= args.awp_warmup`, 1-based): eval-mode
     attack, the clean/adv/clean proxy, the adv, clean, clean loss forwards at the perturbed weights, step,

@@ -70,6 +70,7 @@ def _count_forwards(models):
     return calls, lambda: [h.remove() for h in handles]
 
 
+@pytest.mark.slow
 def test_bench_end_to_end_writes_json_markdown_and_mlflow_run(tmp_path, mlflow_store):
     out = tmp_path / "out"
     argv = [*TINY_ARGS, "--methods", "d2r_cag_cifar10,pgd_at_cifar10", "--overrides", "ATTACK_STEPS = 2"]
@@ -248,6 +249,7 @@ def test_reference_step_equals_robustflows_training_step():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
 
 
+@pytest.mark.slow
 def test_bench_runs_where_mlflow_and_optuna_cannot_be_imported(tmp_path):
     # The GPU machines have torch but neither MLflow nor Optuna: the bench must not need them.
     argv = [*TINY_ARGS, "--methods", "pgd_at_cifar10", "--steps", "1", "--warmup", "0", "--no-reference"]

@@ -124,6 +124,7 @@ def test_las_at_target_step_is_the_authors_code_on_resnet18():
         assert torch.equal(v, strategy_before[k]), k
 
 
+@pytest.mark.slow
 def test_las_at_update_step_is_the_authors_code_on_resnet18(monkeypatch):
     """A batch with a strategy update (every = 1 here): the policy step on the look-ahead reward, then
     the target step, as the code's train() runs them. Sizes shrunk for the CPU: candidate iterations
@@ -217,6 +218,7 @@ def _fit(tmp_path, stop_after_steps=None, resume_from=None, overrides=""):
     return fit_tiny("las_at_cifar10,smoke", base + overrides, tmp_path, stop_after_steps, resume_from)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_strategy_identically(shared_data, tmp_path):
     """Updates at steps 3 and 6: one in each epoch, so the resumed epoch needs the saved strategy, its
     optimizer (momentum, as CIFAR-100's), its schedule and the call count."""

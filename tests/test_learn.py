@@ -108,6 +108,7 @@ def test_bad_input_exits_2_before_training(argv, message, shared_data, tmp_path,
     assert not (tmp_path / "learn.json").exists()
 
 
+@pytest.mark.slow
 def test_learn_runs_through_the_bench_flag_without_mlflow_or_optuna(shared_data, tmp_path):
     argv = ["--learn", *TINY, "--epochs", "1", "--methods", "regmix_cifar10", "--out", str(tmp_path)]
     proc = bench_without_mlflow(argv)

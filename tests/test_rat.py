@@ -131,6 +131,7 @@ def test_the_noisy_copy_leaves_the_model_alone():
             assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_rat_trades_step_is_the_authors_code_on_resnet18():
     """rat_trades_cifar10 on a ResNet-18 against train_first_second.py's step, in float64 (the code's float32
     attack sign steps can flip on rounding; in float64 the two agree to 1e-12)."""

@@ -122,6 +122,7 @@ def test_run_of_resolves_every_uri_form(mlflow_store):
         run_of("s3://bucket/model")
 
 
+@pytest.mark.slow
 def test_trained_model_loads_in_a_fresh_process_from_another_directory(trained_store, tmp_path):
     assert champion("d2r_cag_cifar10") == "1"  # the session's trained model
     client = mlflow.MlflowClient()

@@ -129,6 +129,7 @@ def test_the_lr_ramp_is_linear_and_multiplies_the_schedule():
     assert lrs[20:] == pytest.approx([0.1] * 20)
 
 
+@pytest.mark.slow
 def test_the_stabilizers_act_through_the_train_entry_point(shared_data, mlflow_store, monkeypatch):
     """Trainer.fit, not only train_step: the logged perf/lr is the ramp times the schedule, train/grad_norm is
     logged every epoch, and every optimizer step sees gradients clipped to the bound."""
