@@ -113,12 +113,20 @@ def describe(data: Any, splits: Iterable[str]) -> dict[str, dict[str, Any]]:  # 
     return out
 
 
+def split_dataset(split: str, info: dict[str, Any]) -> SplitDataset:
+    """The MLflow dataset of one split, from its facts (``describe``)."""
+    source = RobustflowDataSource(info["dataset"], info["location"])
+    profile = {k: info[k] for k in ("num_examples", "split_seed", "files")}
+    name = f"{info['dataset']} {split} ({info['num_examples']} images)"
+    return SplitDataset(source, name, info["digest"], profile)
+
+
 def log_data_inputs(data: Any, splits: Iterable[str]) -> dict[str, dict[str, Any]]:  # noqa: ANN401
-    """Log each split as an MLflow dataset input of the active run (context = split); returns the facts."""
+    """Log each split as an MLflow dataset input of the active run (context = split); returns the facts,
+    each with the logged dataset under ``"mlflow_dataset"`` (for metrics that name the data they measured)."""
     facts = describe(data, splits)
     for split, info in facts.items():
-        source = RobustflowDataSource(info["dataset"], info["location"])
-        profile = {k: info[k] for k in ("num_examples", "split_seed", "files")}
-        name = f"{info['dataset']} {split} ({info['num_examples']} images)"
-        mlflow.log_input(SplitDataset(source, name, info["digest"], profile), context=split)
+        dataset = split_dataset(split, info)
+        mlflow.log_input(dataset, context=split)
+        info["mlflow_dataset"] = dataset
     return facts

@@ -237,9 +237,9 @@ def evaluate_model(
              "eval.suite": suite.name, "eval.eps": eps_text, "eval.n_examples": report.n_examples,
              "eval.seed": seed, **{f"eval.attack.{k}": v for k, v in report.attacks.items()}}
         )  # fmt: skip
-        log_data_inputs(data, ("test",))
+        test_split = log_data_inputs(data, ("test",))["test"]["mlflow_dataset"]
         # Against the evaluated model too: its page, its registered version and its card show the numbers.
-        metrics = log_results(report, eps_list, evaluated, suite.curve_eps)
+        metrics = log_results(report, eps_list, evaluated, suite.curve_eps, dataset=test_split)
         mlflow.log_artifacts(str(out_dir), "evaluation")
     return Evaluation(run.info.run_id, train_run_id, report, metrics, table)
 

@@ -205,14 +205,19 @@ def headline(report: Any, metrics: dict[str, float]) -> str:  # noqa: ANN401
 
 
 def log_results(
-    report: Any, eps: list[float], evaluated: Evaluated, curve_radii: tuple[float, ...]
-) -> dict[str, float]:  # noqa: ANN401
-    """Log the results to the active run; the robustness results also against the evaluated model; tag the
+    report: Any,  # noqa: ANN401
+    eps: list[float],
+    evaluated: Evaluated,
+    curve_radii: tuple[float, ...],
+    dataset: Any = None,  # noqa: ANN401  (an mlflow Dataset)
+) -> dict[str, float]:
+    """Log the results to the active run; the robustness results also against the evaluated model (and,
+    given the evaluated split's ``dataset``, linked to it: the logged model's "Datasets used"); tag the
     version and update its card. Returns the headline metrics."""
     from pipeline.model_card import with_evaluation
 
     metrics = eval_metrics(report, eps[0])
-    mlflow.log_metrics(metrics, model_id=evaluated.model_id)
+    mlflow.log_metrics(metrics, model_id=evaluated.model_id, dataset=dataset)
     mlflow.log_metrics({**stage_metrics(report, eps[0]), "eval/flags": float(len(report.flags))})
     for key, points in curve_points(report, curve_radii).items():
         for step, acc in points:

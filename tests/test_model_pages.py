@@ -202,6 +202,11 @@ def test_evaluation_pins_the_version_fills_the_card_and_scopes_only_results(
     scoped = {metric.key: metric for metric in logged.metrics}
     assert set(scoped) == set(m) - {"eval/flags"}
     assert all(s.value == m[k] and s.run_id == run.info.run_id for k, s in scoped.items())
+    # ... each linked to the split it measured (the logged model page's "Datasets used").
+    (test_input,) = run.inputs.dataset_inputs
+    assert {(s.dataset_name, s.dataset_digest) for s in scoped.values()} == {
+        (test_input.dataset.name, test_input.dataset.digest)
+    }
     assert version.tags["eval.pgd20_acc"] == f"{m['eval/n32/pgd20_acc']:g}"
 
     # The card: the summary line gains the evaluation, the table a row linking the run, sections in order.
